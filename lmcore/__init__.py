@@ -1,0 +1,15 @@
+"""lmcore: PTB / WikiText-2 language modelling with the Mogrifier LSTM, RNN baselines and a Transformer.
+
+    corpus = lmcore.load_corpus("ptb")
+    model = lmcore.build_model(config, len(corpus.vocab))
+    summary = lmcore.train(config, report=callback)
+    model, vocab, config = lmcore.load_checkpoint("runs/NAME/best.pt")
+"""
+from .checkpoint import Loaded, load_checkpoint
+from .config import Config, make_config
+from .data import Corpus, DataError, Vocab, load_corpus
+from .models import build_model
+from .train import evaluate, train
+
+__all__ = ["Config", "Corpus", "DataError", "Loaded", "Vocab", "build_model", "evaluate", "load_checkpoint",
+           "load_corpus", "make_config", "train"]

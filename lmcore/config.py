@@ -1,0 +1,186 @@
+"""The one configuration vocabulary.
+
+Every setting of a run lives here once, with its default and its validation. The CLI flags
+(`--model.rounds 3`), the experiment and search-space YAML files, checkpoints and result tables all use
+these dotted names (`data.bptt`, `model.dropout.state`, `optim.lr`, ...).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Family = Literal["mogrifier", "lstm", "gru", "rnn", "transformer"]
+RNN_FAMILIES = ("lstm", "gru", "rnn")
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors, not silently ignored typos; assignments are validated too.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DropoutConfig(_Section):
+    """The regularisers of the AWD-LSTM / lamb line (all variational: one mask per sequence)."""
+
+    input: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the embedded input")
+    inter: float = Field(0.0, ge=0.0, lt=1.0, description="between layers (inside blocks for the transformer)")
+    state: float = Field(0.0, ge=0.0, lt=1.0, description="on the recurrent state h (RNN families)")
+    output: float = Field(0.0, ge=0.0, lt=1.0, description="on the last layer's output, before the decoder")
+    embedding: float = Field(0.0, ge=0.0, lt=1.0, description="word dropout: whole rows of the embedding")
+
+
+class DataConfig(_Section):
+    name: Literal["ptb", "wikitext-2", "text"] = Field(
+        "ptb", description="ptb | wikitext-2 | text (your own train/valid/test.txt in data.dir, not checksummed)"
+    )
+    dir: str | None = Field(None, description="data folder; else $LMCORE_DATA_DIR, else the per-user cache")
+    batch_size: int = Field(20, gt=0)
+    eval_batch_size: int = Field(10, gt=0, description="batch size of validation (and test) evaluation")
+    bptt: int = Field(35, gt=0, description="truncated back-propagation length (tokens)")
+    variable_bptt: bool = Field(True, description="AWD-LSTM randomised window lengths in training")
+
+
+class ModelConfig(_Section):
+    family: Family = "mogrifier"
+    layers: int = Field(2, gt=0, description="recurrent layers or transformer blocks")
+    hidden: int = Field(650, gt=0, description="hidden size of the RNN families")
+    embedding: int | None = Field(None, gt=0, description="embedding size; None = hidden (d_model)")
+    rounds: int = Field(5, ge=0, description="mogrifier rounds; 0 is exactly an LSTM")
+    rank: int | None = Field(None, gt=0, description="low rank of the mogrifier matrices; None = full")
+    tie_weights: bool = True
+    params_budget: int | None = Field(
+        None, gt=0, description="solve hidden (d_model for the transformer) for this parameter count"
+    )
+    d_model: int = Field(256, gt=0, description="transformer width")
+    heads: int = Field(4, gt=0, description="transformer attention heads")
+    ff: int | None = Field(None, gt=0, description="transformer feed-forward size; None = 4 * d_model")
+    pos_encode: Literal["none", "sinusoidal", "learned"] = "sinusoidal"
+    max_len: int = Field(512, gt=0, description="longest sequence for learned positions")
+    dropout: DropoutConfig = Field(default_factory=DropoutConfig)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "ModelConfig":
+        if self.family == "transformer" and self.params_budget is None and self.d_model % self.heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
+        return self
+
+
+class OptimConfig(_Section):
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1 (the Mogrifier paper uses 0)")
+    beta2: float = Field(0.999, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    clip: float = Field(0.25, ge=0.0, description="gradient norm clipping; 0 = off")
+    lr_decay: float = Field(
+        0.25, gt=0.0, le=1.0, description="multiply lr by this when valid ppl does not improve; 1 = off"
+    )
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(40, gt=0)
+    steps_per_epoch: int | None = Field(
+        None, gt=0, description="an 'epoch' of this many steps (data position carries over); None = whole split"
+    )
+    seed: int = 1111
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    amp: bool = Field(False, description="bf16 autocast (GPU only)")
+    threads: int | None = Field(None, gt=0, description="torch CPU threads; None = torch's default")
+    log_interval: int = Field(200, gt=0, description="steps between progress lines")
+    progress: bool = Field(True, description="print progress lines")
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    # -- dotted names -------------------------------------------------------------------------
+    def flat(self) -> dict[str, Any]:
+        """{"model.rounds": 5, "model.dropout.state": 0.0, ...}: the columns of result tables."""
+        return flatten(self.model_dump())
+
+    def updated(self, overrides: dict[str, Any]) -> "Config":
+        """A new, validated Config with dotted-name overrides applied."""
+        return make_config(self.model_dump(), overrides)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def set_dotted(tree: dict[str, Any], name: str, value: Any) -> None:
+    """Set tree["a"]["b"] = value for name "a.b", creating sections as needed."""
+    *path, leaf = name.split(".")
+    for key in path:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{name}: '{key}' is a value, not a section")
+        tree = node
+    tree[leaf] = value
+
+
+def make_config(base: dict[str, Any] | Config | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Build a validated Config from a nested dict (or Config) plus dotted-name overrides."""
+    tree = base.model_dump() if isinstance(base, Config) else _deepcopy(base or {})
+    for name, value in (overrides or {}).items():
+        set_dotted(tree, name, value)
+    return Config.model_validate(tree)
+
+
+def field_names() -> list[str]:
+    """Every dotted name of the vocabulary, in schema order."""
+    return list(Config().flat())
+
+
+def describe_error(err: ValidationError, source: str = "config") -> str:
+    """One readable message per problem: `source: model.rounds: Input should be ... (got 'x')`."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e.get("input"), dict) else ""
+        lines.append(f"{source}: {where}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def _deepcopy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Turn command-line text into a value for field `name` (YAML scalars: 3, 0.5, true, 1e-3);
+    "none"/"null" mean None for fields that accept None. Validation happens in make_config."""
+    if name not in field_names():
+        raise ValueError(f"unknown setting {name!r}; known settings: {', '.join(field_names())}")
+    value = yaml.safe_load(text) if text.strip() else text
+    if isinstance(value, str) and value.lower() in ("none", "null") and _accepts_none(name):
+        return None
+    if isinstance(value, (dict, list)):
+        return text  # not a scalar: let validation report it as the wrong type
+    return value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """"model.rounds=3" -> ("model.rounds", 3)."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise ValueError(f"expected key=value, got {text!r}")
+    return name.strip(), parse_value(name.strip(), value)
+
+
+def _accepts_none(name: str) -> bool:
+    section: type[BaseModel] = Config
+    *path, leaf = name.split(".")
+    for key in path:
+        section = section.model_fields[key].annotation  # type: ignore[assignment]
+    annotation = section.model_fields[leaf].annotation
+    return type(None) in getattr(annotation, "__args__", ())

@@ -1,0 +1,274 @@
+"""The corpora: PTB, WikiText-2, or your own text.
+
+Finding the files (data_dir, then $LMCORE_DATA_DIR, then the per-user cache, downloading into it when
+they are nowhere), checking each against its sha256, and turning them into token ids exactly as
+pytorch/examples word_language_model does: every line split on whitespace with `<eos>` appended, the
+vocabulary taken from the training split in order of first appearance. The tokenised corpus is cached,
+keyed by the files' checksums, so a second load is a torch.load.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pooch
+import torch
+
+SPLITS = ("train", "valid", "test")
+EOS = "<eos>"
+UNK = "<unk>"
+# Part of the cache key: change it whenever the tokenisation below changes.
+TOKENIZER_VERSION = "words-eos-train-vocab/1"
+
+PTB_URL = "https://raw.githubusercontent.com/Lasagne/Recipes/d616658de38e69f5036b236b6acbaf6e465ec9bd/examples/penntree/ptb.{split}.txt"
+WIKITEXT2_URL = (
+    "https://raw.githubusercontent.com/pytorch/examples/77f55b912142e11fcfdf5b530231fb9c52f181e8"
+    "/word_language_model/data/wikitext-2/{split}.txt"
+)
+
+
+class DataError(Exception):
+    """The data cannot be had: missing, corrupt, not downloadable, or not a known dataset."""
+
+
+@dataclass(frozen=True)
+class SplitFile:
+    filename: str  # the plain-text name; `filename + ".gz"` is accepted too
+    sha256: str | None = None  # of the uncompressed text; None: not checked (your own corpus)
+    url: str | None = None  # where to download the plain text; None: never downloaded
+    tokens: int | None = None  # expected count, `<eos>` included
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    folder: str  # its subfolder under a data root (a data dir may also be this folder itself)
+    splits: dict[str, SplitFile]
+    vocab_size: int | None = None
+
+
+DATASETS: dict[str, Dataset] = {
+    "ptb": Dataset(
+        "ptb",
+        "ptb",
+        {
+            "train": SplitFile("ptb.train.txt", "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+                               PTB_URL.format(split="train"), 929_589),
+            "valid": SplitFile("ptb.valid.txt", "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+                               PTB_URL.format(split="valid"), 73_760),
+            "test": SplitFile("ptb.test.txt", "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+                              PTB_URL.format(split="test"), 82_430),
+        },
+        vocab_size=10_000,
+    ),
+    "wikitext-2": Dataset(
+        "wikitext-2",
+        "wikitext-2",
+        {
+            "train": SplitFile("train.txt", "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+                               WIKITEXT2_URL.format(split="train"), 2_088_628),
+            "valid": SplitFile("valid.txt", "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+                               WIKITEXT2_URL.format(split="valid"), 217_646),
+            "test": SplitFile("test.txt", "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+                              WIKITEXT2_URL.format(split="test"), 245_569),
+        },
+        vocab_size=33_278,
+    ),
+    # Your own corpus: train.txt, valid.txt, test.txt (plain or .gz) in data_dir; never downloaded.
+    "text": Dataset("text", "text", {split: SplitFile(f"{split}.txt") for split in SPLITS}),
+}
+
+
+class Vocab:
+    """Words <-> ids. Saved in checkpoints as `to_list()` and rebuilt with `Vocab(itos)`."""
+
+    def __init__(self, itos: list[str]):
+        self.itos = list(itos)
+        self.stoi = {word: i for i, word in enumerate(self.itos)}
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Vocab) and self.itos == other.itos
+
+    def __repr__(self) -> str:
+        return f"Vocab({len(self)} words)"
+
+    @property
+    def eos_id(self) -> int:
+        return self.stoi[EOS]
+
+    def encode(self, words: list[str]) -> list[int]:
+        """Ids of `words`; a word not in the vocabulary becomes `<unk>` (KeyError if there is none)."""
+        unk_id = self.stoi.get(UNK)
+        if unk_id is None:
+            return [self.stoi[word] for word in words]
+        return [self.stoi.get(word, unk_id) for word in words]
+
+    def decode(self, ids) -> list[str]:
+        return [self.itos[int(i)] for i in ids]
+
+    def to_list(self) -> list[str]:
+        return list(self.itos)
+
+
+@dataclass
+class Corpus:
+    name: str
+    train: torch.Tensor  # 1-D torch.long token ids
+    valid: torch.Tensor
+    test: torch.Tensor
+    vocab: Vocab
+
+
+def cache_dir() -> Path:
+    """Where downloads and tokenised corpora go: $LMCORE_CACHE_DIR, else the per-user cache."""
+    return Path(os.environ.get("LMCORE_CACHE_DIR") or pooch.os_cache("lmcore"))
+
+
+def get_dataset(name: str) -> Dataset:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _offline() -> bool:
+    return os.environ.get("LMCORE_OFFLINE", "") not in ("", "0")
+
+
+def _search_dirs(dataset: Dataset, data_dir) -> list[Path]:
+    # The data dir the user named (argument first, else the environment), then the cache; each as a
+    # root holding `ptb/`, `wikitext-2/` ... or as the dataset's own folder.
+    user_dir = data_dir if data_dir is not None else os.environ.get("LMCORE_DATA_DIR")
+    roots = [Path(user_dir)] if user_dir else []
+    if dataset.splits["train"].url is not None:  # only downloadable datasets live in the cache
+        roots.append(cache_dir())
+    return [folder for root in roots for folder in (root / dataset.folder, root)]
+
+
+def _find(split: SplitFile, dirs: list[Path]) -> Path | None:
+    for folder in dirs:
+        for path in (folder / split.filename, folder / (split.filename + ".gz")):
+            if path.is_file():
+                return path
+    return None
+
+
+def _download(dataset: Dataset, split: SplitFile) -> Path:
+    target = cache_dir() / dataset.folder
+    try:
+        return Path(pooch.retrieve(split.url, known_hash=f"sha256:{split.sha256}", fname=split.filename,
+                                   path=target, progressbar=True))
+    except (OSError, ValueError) as err:  # network errors are OSErrors; a wrong checksum is a ValueError
+        raise DataError(
+            f"downloading {split.url} to {target / split.filename} failed: {err}\n"
+            f"expected sha256 {split.sha256}.\n"
+            f"Fix: go online and retry (a partial or corrupt file is re-downloaded), or put {split.filename} "
+            f"(or .gz) in a folder and pass data_dir / set LMCORE_DATA_DIR to it."
+        ) from None
+
+
+def find_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The path of each split's file, downloading the missing ones into the cache when allowed."""
+    dataset = get_dataset(name)
+    dirs = _search_dirs(dataset, data_dir)
+    paths = {split: _find(dataset.splits[split], dirs) for split in SPLITS}
+    missing = [split for split in SPLITS if paths[split] is None]
+    can_download = dataset.splits["train"].url is not None and not _offline()
+    if missing and not can_download:
+        names = ", ".join(dataset.splits[split].filename for split in missing)
+        looked = "\n  ".join(str(d) for d in dirs) or "(nowhere: no data_dir given and LMCORE_DATA_DIR is unset)"
+        if dataset.splits["train"].url is None:
+            fix = "pass data_dir (data.dir) / set LMCORE_DATA_DIR to the folder holding your train.txt, valid.txt, test.txt"
+        else:
+            fix = (f"pass data_dir / set LMCORE_DATA_DIR to the folder holding {dataset.folder}/ (or the files), "
+                   f"or unset LMCORE_OFFLINE to download them into {cache_dir()}")
+        expected = "".join(f"\n  {dataset.splits[s].filename}: sha256 {dataset.splits[s].sha256}"
+                           for s in missing if dataset.splits[s].sha256)
+        raise DataError(f"{name}: cannot find {names} (plain or .gz); looked in:\n  {looked}"
+                        + (f"\nexpected:{expected}" if expected else "") + f"\nFix: {fix}.")
+    for split in missing:
+        paths[split] = _download(dataset, dataset.splits[split])
+    return paths
+
+
+def read_verified(path: Path, sha256: str | None) -> tuple[bytes, str]:
+    """The uncompressed bytes of `path` and their sha256, which must be `sha256` when given."""
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise DataError(
+            f"{path}: checksum mismatch: the uncompressed text has sha256 {digest}, expected {sha256}.\n"
+            f"The file is corrupt or a different version. Fix: delete it (lmcore then re-downloads it into "
+            f"{cache_dir()}) or pass data_dir / set LMCORE_DATA_DIR to a good copy."
+        )
+    return data, digest
+
+
+def _lines(data: bytes):
+    # Line by line as `open(path, encoding="utf8")` reads them (universal newlines), like pytorch/examples.
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+
+
+def _tokenize(texts: dict[str, bytes], paths: dict[str, Path]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    stoi: dict[str, int] = {}
+    train_ids = []
+    for line in _lines(texts["train"]):
+        train_ids.extend(stoi.setdefault(word, len(stoi)) for word in line.split() + [EOS])
+    vocab = Vocab(list(stoi))
+    tensors = {"train": torch.tensor(train_ids, dtype=torch.long)}
+    for split in ("valid", "test"):
+        ids = []
+        for line in _lines(texts[split]):
+            words = line.split() + [EOS]
+            try:
+                ids.extend(vocab.encode(words))
+            except KeyError as err:
+                raise DataError(f"{paths[split]}: word {err.args[0]!r} is not in the training vocabulary, "
+                                f"and there is no {UNK} to map it to") from None
+        tensors[split] = torch.tensor(ids, dtype=torch.long)
+    return vocab.itos, tensors
+
+
+def _save_atomically(obj, path: Path) -> None:
+    # Write a temp file beside it and rename: readers see the old file or the whole new one, and
+    # processes preparing the same corpus at once just replace each other's identical result.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache dir may be shared
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def corpus_cache_path(name: str, digests: dict[str, str]) -> Path:
+    key = hashlib.sha256(" ".join([TOKENIZER_VERSION] + [digests[s] for s in SPLITS]).encode()).hexdigest()
+    return cache_dir() / "corpora" / f"{name}-{key[:20]}.pt"
+
+
+def load_corpus(name: str, data_dir: str | os.PathLike | None = None) -> Corpus:
+    """The tokenised corpus `name` ("ptb", "wikitext-2" or "text"), from the cache when it is there."""
+    dataset = get_dataset(name)
+    paths = find_files(name, data_dir)
+    texts, digests = {}, {}
+    for split in SPLITS:
+        texts[split], digests[split] = read_verified(paths[split], dataset.splits[split].sha256)
+
+    cached = corpus_cache_path(name, digests)
+    try:
+        saved = torch.load(cached, weights_only=True)
+        itos, tensors = saved["itos"], saved
+    except FileNotFoundError:
+        itos, tensors = _tokenize(texts, paths)
+        _save_atomically({"itos": itos, **tensors}, cached)
+    return Corpus(name, tensors["train"], tensors["valid"], tensors["test"], Vocab(itos))

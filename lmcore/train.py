@@ -1,0 +1,235 @@
+"""Training and evaluation: `train(config, report)` runs one configuration, `evaluate` scores a split.
+
+Perplexity is exp(mean cross-entropy over every token of the split). Validation runs after each epoch;
+the test split is only scored when a caller asks for it (final evaluation), never here.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .batching import batchify, bptt_windows, eval_batches
+from .checkpoint import FORMAT, read_file, save_file
+from .config import Config, make_config
+from .data import Corpus, load_corpus
+from .models import LanguageModel, build_model, detach_state
+
+log = logging.getLogger("lmcore")
+
+# A loss above this many nats per token (perplexity e^100; guessing uniformly over WikiText-2's vocabulary
+# costs 10.4) can only come from a run that blew up: it counts as diverged, like NaN or inf.
+DIVERGED_LOSS = 100.0
+
+
+def diverged(loss: float) -> bool:
+    return not loss < DIVERGED_LOSS  # also true for NaN
+
+
+# report(metrics, save_checkpoint): called once per epoch; save_checkpoint(path) writes a resumable file.
+Report = Callable[[dict[str, Any], Callable[[Path], None]], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available")
+    return device
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on GPU (no loss scaling needed, unlike fp16); a no-op elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model: LanguageModel, tokens: Tensor, *, eos_id: int, batch_size: int = 10, bptt: int = 35,
+             device: torch.device | str | None = None, amp: bool = False) -> dict[str, float]:
+    """Score every token of `tokens` exactly once, carrying the state across the whole split."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    state = None
+    for inputs, targets in eval_batches(tokens, batch_size, bptt, eos_id):
+        targets = targets.to(device)
+        with autocast(device, amp):
+            logits, state = model(inputs.to(device), state)
+        total += nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                                             ignore_index=-100, reduction="sum")
+        count += int((targets != -100).sum())
+    model.train(was_training)
+    loss = total.item() / count
+    return {"loss": loss, "ppl": safe_exp(loss), "tokens": count}
+
+
+def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    o = config.optim
+    if o.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def rng_state(windows: torch.Generator) -> dict[str, Any]:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(), "windows": windows.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any], windows: torch.Generator) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    windows.set_state(state["windows"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(config: Config | dict, report: Report | None = None, resume_from: str | Path | None = None,
+          corpus: Corpus | None = None) -> dict[str, Any]:
+    """Train one configuration; report after every epoch; return a summary.
+
+    A run whose loss blows up (see `diverged`) stops, makes one last report with `diverged=True` and returns
+    `status="diverged"`: it never raises for that.
+    """
+    config = config if isinstance(config, Config) else make_config(config)
+    data, optim, run = config.data, config.optim, config.train
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    device = resolve_device(run.device)
+    seed_everything(run.seed)
+    windows = torch.Generator().manual_seed(run.seed)  # draws the random BPTT lengths
+
+    corpus = corpus or load_corpus(data.name, data.dir)
+    model = build_model(config, len(corpus.vocab)).to(device)
+    optimizer = make_optimizer(config, model)
+    train_data = batchify(corpus.train, data.batch_size).to(device)
+    params = model.num_parameters()
+    loop = {"epoch": 0, "position": 0, "lr": optim.lr, "best_valid_loss": math.inf, "elapsed_s": 0.0}
+    if resume_from is not None:
+        saved = read_file(resume_from)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        loop = saved["loop"]
+        set_rng_state(saved["rng"], windows)
+        log.info("resumed from %s after epoch %d", resume_from, loop["epoch"])
+
+    def save_checkpoint(path: Path) -> None:
+        save_file({"format": FORMAT, "config": config.model_dump(), "model_config": model.config.model_dump(),
+                   "vocab": corpus.vocab.itos, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "loop": dict(loop), "rng": rng_state(windows)}, path)
+
+    if run.progress:
+        log.info("%s: %s parameters, %d training tokens, device %s", model.config.family, f"{params:,}",
+                 corpus.train.numel(), device)
+    summary = {"status": "completed", "params": params}
+    for epoch in range(loop["epoch"] + 1, run.epochs + 1):
+        started = time.perf_counter()
+        train_loss, tokens = train_epoch(model, optimizer, train_data, config, loop, windows, device, epoch)
+        seconds = time.perf_counter() - started
+        valid = evaluate(model, corpus.valid, eos_id=corpus.vocab.eos_id, batch_size=data.eval_batch_size,
+                         bptt=data.bptt, device=device, amp=run.amp) if not diverged(train_loss) else None
+        blew_up = valid is None or diverged(valid["loss"])
+        loop["epoch"] = epoch
+        loop["elapsed_s"] += time.perf_counter() - started
+        if not blew_up:
+            if valid["loss"] < loop["best_valid_loss"]:
+                loop["best_valid_loss"] = valid["loss"]
+            else:  # plateau: decay the learning rate (pytorch/examples' recipe)
+                loop["lr"] *= optim.lr_decay
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "valid_loss": math.inf if blew_up else valid["loss"],
+            "valid_ppl": math.inf if blew_up else valid["ppl"],
+            "best_valid_ppl": safe_exp(loop["best_valid_loss"]),
+            "lr": loop["lr"],
+            "tokens_per_s": tokens / seconds,
+            "elapsed_s": loop["elapsed_s"],
+            "params": params,
+            "diverged": blew_up,
+        }
+        if run.progress:
+            log.info("| end of epoch %d | %.1fs | valid loss %.3f | valid ppl %.2f | lr %.3g", epoch, seconds,
+                     metrics["valid_loss"], metrics["valid_ppl"], loop["lr"])
+        if report is not None:
+            report(metrics, save_checkpoint)
+        if blew_up:
+            log.warning("epoch %d: the loss blew up (NaN, inf or > %g nats); the run diverged and stops here",
+                        epoch, DIVERGED_LOSS)
+            summary["status"] = "diverged"
+            break
+    summary.update(epochs=loop["epoch"], best_valid_ppl=safe_exp(loop["best_valid_loss"]),
+                   elapsed_s=loop["elapsed_s"])
+    return summary
+
+
+def train_epoch(model: LanguageModel, optimizer: torch.optim.Optimizer, train_data: Tensor, config: Config,
+                loop: dict[str, Any], windows: torch.Generator, device: torch.device, epoch: int) -> tuple[float, int]:
+    """One epoch (the whole split, or `train.steps_per_epoch` steps continuing from the last position).
+    Returns (mean training loss, tokens trained on); see `diverged` for a run that blew up."""
+    data, run = config.data, config.train
+    model.train()
+    steps_wanted = run.steps_per_epoch
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    steps = tokens = 0
+    interval_start, interval_tokens = time.perf_counter(), 0
+
+    def mean_loss() -> float:
+        return loss_sum.item() / max(tokens, 1)
+
+    while True:
+        if loop["position"] >= train_data.shape[0] - 1:
+            loop["position"] = 0
+        state = None  # the state is reset at the start of every pass over the data
+        for start, inputs, targets in bptt_windows(train_data, data.bptt, data.variable_bptt, windows,
+                                                   start=loop["position"]):
+            # AWD-LSTM: a shorter window takes a proportionally smaller step.
+            scale = inputs.shape[0] / data.bptt if data.variable_bptt else 1.0
+            for group in optimizer.param_groups:
+                group["lr"] = loop["lr"] * scale
+            state = detach_state(state)
+            with autocast(device, run.amp):
+                logits, state = model(inputs, state)
+            loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.optim.clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip)
+            optimizer.step()
+            loss_sum += loss.detach() * targets.numel()
+            loop["position"] = start + inputs.shape[0]
+            steps += 1
+            tokens += targets.numel()
+            interval_tokens += targets.numel()
+            if steps % run.log_interval == 0:
+                if diverged(mean_loss()):
+                    return mean_loss(), tokens  # diverged: stop now rather than at the end of the epoch
+                if run.progress:
+                    now = time.perf_counter()
+                    log.info("| epoch %d | step %d | lr %.3g | %.0f tok/s | loss %.3f | ppl %.1f", epoch, steps,
+                             loop["lr"], interval_tokens / (now - interval_start), mean_loss(),
+                             safe_exp(mean_loss()))
+                    interval_start, interval_tokens = now, 0
+            if steps_wanted and steps >= steps_wanted:
+                return mean_loss(), tokens
+        if not steps_wanted:
+            return mean_loss(), tokens
+        loop["position"] = 0  # wrap around and keep going until steps_per_epoch steps
+
+
+def safe_exp(loss: float) -> float:
+    """exp that saturates to inf instead of raising OverflowError; NaN also gives inf."""
+    return math.exp(loss) if loss < 700 else math.inf

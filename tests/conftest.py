@@ -1,0 +1,95 @@
+"""Shared test fixtures."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The real data (the folder holding ptb/ and wikitext-2/): $LMCORE_DATA_DIR, else ../shared/data
+    beside the repo; the test is skipped when neither has it."""
+    candidates = [Path(os.environ["LMCORE_DATA_DIR"])] if os.environ.get("LMCORE_DATA_DIR") else []
+    candidates.append(REPO_ROOT.parent / "shared" / "data")
+    for root in candidates:
+        if (root / "ptb").is_dir() and (root / "wikitext-2").is_dir():
+            return root.resolve()
+    pytest.skip(f"real PTB / WikiText-2 data not found in {', '.join(map(str, candidates))} "
+                f"(set LMCORE_DATA_DIR to the folder holding ptb/ and wikitext-2/)")
+
+
+@pytest.fixture
+def data_env(monkeypatch, tmp_path) -> Path:
+    """No LMCORE_DATA_DIR / LMCORE_OFFLINE from the outside, and a fresh cache dir, which is returned:
+    load_corpus then touches neither the real environment's data nor the user's cache."""
+    monkeypatch.delenv("LMCORE_DATA_DIR", raising=False)
+    monkeypatch.delenv("LMCORE_OFFLINE", raising=False)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("LMCORE_CACHE_DIR", str(cache))
+    return cache
+
+
+TINY_CORPUS = {
+    "train.txt": " the cat sat on the mat \n the dog sat \n <unk> ran \n",
+    "valid.txt": " the cat ran \n a bird sat \n",
+    "test.txt": " the dog sat on the cat \n",
+}
+
+
+@pytest.fixture
+def tiny_corpus_dir(tmp_path) -> Path:
+    """A folder with a tiny train/valid/test.txt corpus (the "text" dataset). Its training split has
+    `<unk>`; "a" and "bird" in valid are not in the training vocabulary."""
+    folder = tmp_path / "tiny_corpus"
+    folder.mkdir()
+    for name, text in TINY_CORPUS.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+# --- training -----------------------------------------------------------------------------------
+
+
+def write_markov_corpus(folder: Path, seed: int = 0, lines: tuple[int, int, int] = (600, 60, 60)) -> Path:
+    """A small corpus with real structure for training tests: 40 word types whose next word is mostly
+    determined by the current one, so a model that learns drives perplexity far below the unigram level."""
+    import random
+
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(40)]
+
+    def line() -> str:
+        w = rng.randrange(40)
+        out = [words[w]]
+        for _ in range(rng.randint(4, 12)):
+            w = (w * 7 + 3 + (rng.random() < 0.2)) % 40
+            out.append(words[w])
+        return " ".join(out)
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in zip(("train", "valid", "test"), lines):
+        (folder / f"{split}.txt").write_text("\n".join(line() for _ in range(n)) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def markov_corpus_dir(tmp_path_factory) -> Path:
+    """Folder of a learnable "text" dataset (train/valid/test.txt, ~5k training tokens)."""
+    return write_markov_corpus(tmp_path_factory.mktemp("markov"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_corpus_cache(tmp_path_factory):
+    """Tests never write into the user's cache: one fresh corpus cache for the whole session."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LMCORE_CACHE_DIR", str(tmp_path_factory.mktemp("lmcore-cache")))
+    mp.setenv("LMCORE_OFFLINE", "1")  # and never the network
+    yield
+    mp.undo()

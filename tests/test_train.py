@@ -1,0 +1,118 @@
+"""Training and evaluation: learning, resuming, divergence, and scoring every token once."""
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+import lmcore
+from lmcore.config import make_config
+from lmcore.train import evaluate
+
+FAMILIES = ["mogrifier", "lstm", "gru", "rnn", "transformer"]
+
+
+def tiny_run(corpus_dir, **overrides):
+    base = {"data.name": "text", "data.dir": str(corpus_dir), "data.batch_size": 8, "data.bptt": 12,
+            "data.eval_batch_size": 4, "model.hidden": 32, "model.d_model": 32, "model.heads": 2,
+            "model.layers": 1, "model.rounds": 3, "optim.lr": 1e-2, "train.epochs": 2,
+            "train.progress": False, "train.device": "cpu"}
+    return make_config({}, base | overrides)
+
+
+def unigram_ppl(corpus) -> float:
+    counts = Counter(corpus.train.tolist())
+    total = sum(counts.values())
+    log_p = [math.log(counts.get(t, 0.5) / total) for t in corpus.valid.tolist()]
+    return math.exp(-sum(log_p) / len(log_p))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_learns_far_below_the_unigram_level(markov_corpus_dir, family):
+    config = tiny_run(markov_corpus_dir, **{"model.family": family})
+    corpus = lmcore.load_corpus("text", markov_corpus_dir)
+    reports = []
+    summary = lmcore.train(config, report=lambda m, save: reports.append(m))
+    assert summary["status"] == "completed" and summary["epochs"] == 2
+    assert [m["epoch"] for m in reports] == [1, 2]
+    assert {"train_loss", "valid_ppl", "tokens_per_s", "elapsed_s", "params", "lr"} <= set(reports[0])
+    assert summary["best_valid_ppl"] < 0.5 * unigram_ppl(corpus), (summary, unigram_ppl(corpus))
+
+
+def test_resumed_run_continues_identically(markov_corpus_dir, tmp_path):
+    # Dropout, variable BPTT, a learning-rate decay and steps_per_epoch all draw on saved state.
+    config = tiny_run(markov_corpus_dir, **{"train.epochs": 3, "train.steps_per_epoch": 7,
+                                            "model.dropout.state": 0.3, "model.dropout.embedding": 0.1,
+                                            "model.dropout.input": 0.2, "optim.lr_decay": 0.5})
+    whole = []
+    lmcore.train(config, report=lambda m, save: whole.append(m))
+
+    first = []
+
+    def stop_after_one(metrics, save):
+        first.append(metrics)
+        if metrics["epoch"] == 1:
+            save(tmp_path / "epoch1.pt")
+
+    lmcore.train(config.updated({"train.epochs": 1}), report=stop_after_one)
+    torch.manual_seed(12345)  # the resumed run must not depend on the caller's RNG
+    resumed = []
+    lmcore.train(config, report=lambda m, save: resumed.append(m), resume_from=tmp_path / "epoch1.pt")
+    assert [m["epoch"] for m in resumed] == [2, 3]
+    for a, b in zip(whole[1:], resumed):
+        assert a["train_loss"] == b["train_loss"] and a["valid_ppl"] == b["valid_ppl"] and a["lr"] == b["lr"]
+
+
+def test_diverging_run_stops_and_says_so(markov_corpus_dir):
+    config = tiny_run(markov_corpus_dir, **{"model.family": "rnn", "optim.name": "sgd", "optim.lr": 1e30,
+                                            "optim.clip": 0, "train.epochs": 5, "train.log_interval": 2})
+    reports = []
+    summary = lmcore.train(config, report=lambda m, save: reports.append(m))
+    assert summary["status"] == "diverged"
+    assert reports[-1]["diverged"] is True and reports[-1]["valid_ppl"] == math.inf
+    assert len(reports) < 5
+
+
+class Bigram(torch.nn.Module):
+    """Predicts from the current token alone: its score of a split does not depend on batching."""
+
+    def __init__(self, vocab_size):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.table = torch.nn.Embedding(vocab_size, vocab_size)
+
+    def forward(self, tokens, state=None):
+        return self.table(tokens), state
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 64])
+def test_evaluation_scores_every_token_exactly_once(batch_size):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 11, (101,))
+    model = Bigram(11)
+    result = evaluate(model, tokens, eos_id=0, batch_size=batch_size, bptt=5)
+    assert result["tokens"] == 101
+    previous = torch.cat([torch.tensor([0]), tokens[:-1]])
+    expected = torch.nn.functional.cross_entropy(model.table(previous), tokens).item()
+    assert result["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_checkpoint_round_trip(markov_corpus_dir, tmp_path):
+    config = tiny_run(markov_corpus_dir, **{"train.epochs": 1})
+    saved = []
+    lmcore.train(config, report=lambda m, save: (save(tmp_path / "c.pt"), saved.append(m)))
+    model, vocab, loaded_config = lmcore.load_checkpoint(tmp_path / "c.pt")
+    corpus = lmcore.load_corpus("text", markov_corpus_dir)
+    assert vocab.itos == corpus.vocab.itos and loaded_config == config and not model.training
+    valid = evaluate(model, corpus.valid, eos_id=vocab.eos_id, batch_size=4, bptt=12)
+    assert valid["ppl"] == pytest.approx(saved[0]["valid_ppl"], rel=1e-6)
+
+
+def test_untrained_model_on_real_ptb_scores_near_uniform(data_root):
+    corpus = lmcore.load_corpus("ptb", data_root)
+    torch.manual_seed(0)
+    model = lmcore.build_model(make_config({}, {"model.family": "lstm", "model.hidden": 32, "model.layers": 1}),
+                               len(corpus.vocab))
+    result = evaluate(model, corpus.valid, eos_id=corpus.vocab.eos_id, batch_size=20, bptt=35)
+    assert result["tokens"] == 73_760
+    assert 0.9 * 10_000 < result["ppl"] < 1.1 * 10_000
