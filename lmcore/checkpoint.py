@@ -2,8 +2,6 @@
 loop's position and every random number generator, so that a resumed run continues identically."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,20 +18,6 @@ class Loaded(NamedTuple):
     model: LanguageModel
     vocab: Vocab
     config: Config
-
-
-def save_file(payload: dict[str, Any], path: str | Path) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_file(path: str | Path) -> dict[str, Any]:

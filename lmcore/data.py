@@ -236,7 +236,8 @@ def _tokenize(texts: dict[str, bytes], paths: dict[str, Path]) -> tuple[list[str
     return vocab.itos, tensors
 
 
-def _save_atomically(obj, path: Path) -> None:
+def save_atomically(obj, path: Path) -> None:
+    """torch.save `obj` to `path` so that no reader ever sees a half-written file."""
     # Write a temp file beside it and rename: readers see the old file or the whole new one, and
     # processes preparing the same corpus at once just replace each other's identical result.
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -270,5 +271,5 @@ def load_corpus(name: str, data_dir: str | os.PathLike | None = None) -> Corpus:
         itos, tensors = saved["itos"], saved
     except FileNotFoundError:
         itos, tensors = _tokenize(texts, paths)
-        _save_atomically({"itos": itos, **tensors}, cached)
+        save_atomically({"itos": itos, **tensors}, cached)
     return Corpus(name, tensors["train"], tensors["valid"], tensors["test"], Vocab(itos))

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from .batching import batchify, bptt_windows, eval_batches
-from .checkpoint import FORMAT, read_file, save_file
+from .checkpoint import FORMAT, read_file
 from .config import Config, make_config
-from .data import Corpus, load_corpus
+from .data import Corpus, load_corpus, save_atomically
 from .models import LanguageModel, build_model, detach_state
 
 log = logging.getLogger("lmcore")
@@ -127,9 +127,11 @@ def train(config: Config | dict, report: Report | None = None, resume_from: str 
         log.info("resumed from %s after epoch %d", resume_from, loop["epoch"])
 
     def save_checkpoint(path: Path) -> None:
-        save_file({"format": FORMAT, "config": config.model_dump(), "model_config": model.config.model_dump(),
-                   "vocab": corpus.vocab.itos, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "loop": dict(loop), "rng": rng_state(windows)}, path)
+        # Written atomically: a crash mid-write never leaves a truncated checkpoint behind.
+        save_atomically({"format": FORMAT, "config": config.model_dump(),
+                         "model_config": model.config.model_dump(), "vocab": corpus.vocab.itos,
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": dict(loop),
+                         "rng": rng_state(windows)}, Path(path))
 
     if run.progress:
         log.info("%s: %s parameters, %d training tokens, device %s", model.config.family, f"{params:,}",
