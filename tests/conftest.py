@@ -93,3 +93,52 @@ def _private_corpus_cache(tmp_path_factory):
     mp.setenv("LMCORE_OFFLINE", "1")  # and never the network
     yield
     mp.undo()
+
+
+# --- tuning (Ray) -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One small Ray for every in-process tuning test: 2 CPUs, no dashboard."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             logging_config=ray.LoggingConfig(log_level="WARNING"))
+    yield ray
+    ray.shutdown()
+
+
+def write_tiny_experiment(path: Path, corpus_dir: Path, storage: Path, **changes) -> Path:
+    """A search over two tiny RNN families on a "text" corpus: seconds per trial on a CPU.
+    `changes` replace top-level keys of the experiment (e.g. trials=3, scheduler={...}); `fixed` is merged."""
+    import yaml
+
+    experiment = {
+        "name": path.stem,
+        "dataset": "text",
+        "fixed": {
+            "data.dir": str(corpus_dir), "data.batch_size": 8, "data.eval_batch_size": 8, "data.bptt": 16,
+            "model.hidden": 16, "model.layers": 1, "train.steps_per_epoch": 10, **changes.pop("fixed", {}),
+        },
+        "search_space": {"params": {
+            "model.family": {"choices": ["mogrifier", "lstm"]},
+            "model.rounds": {"type": "int", "low": 1, "high": 3, "when": {"model.family": "mogrifier"}},
+            "optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True},
+        }},
+        "searcher": {"sampler": "tpe", "seed": 0, "n_startup_trials": 2},
+        "scheduler": {"type": "asha", "max_epochs": 3, "grace_period": 1, "reduction_factor": 2},
+        "trials": 4,
+        "resources": {"cpus": 1},
+        "storage": str(storage),
+        **changes,
+    }
+    path.write_text(yaml.safe_dump(experiment, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_experiment(tmp_path, markov_corpus_dir):
+    """Writes a tiny experiment file (see write_tiny_experiment) under tmp_path; returns a factory."""
+    def make(name: str = "tiny", **changes) -> Path:
+        return write_tiny_experiment(tmp_path / f"{name}.yaml", markov_corpus_dir, tmp_path / "results", **changes)
+    return make

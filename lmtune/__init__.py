@@ -1,0 +1,27 @@
+"""The tuning layer: Ray Tune + Optuna + ASHA over `lmcore.train`.
+
+    from lmtune import load_experiment, run_experiment, load_results
+    exp = load_experiment("experiments/quickstart.yaml")
+    run_experiment(exp)
+    results = load_results(exp.folder)          # pandas DataFrames
+    results.trials.sort_values("best_valid_ppl").head()
+"""
+from lmtune.schema import Experiment, ExperimentError, load_experiment
+from lmtune.results import Results, compare_frame, load_results
+
+__all__ = [
+    "Experiment",
+    "ExperimentError",
+    "Results",
+    "compare_frame",
+    "load_experiment",
+    "load_results",
+    "run_experiment",
+]
+
+
+def run_experiment(*args, **kwargs):
+    """Run (or resume) an experiment; see `lmtune.runner.run_experiment`. Imported lazily: Ray is slow to load."""
+    from lmtune.runner import run_experiment as run
+
+    return run(*args, **kwargs)

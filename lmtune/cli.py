@@ -1,0 +1,139 @@
+"""The command line of tune.py.
+
+    python tune.py experiments/ptb_mogrify.yaml [--set optim.lr=1e-3 --set trials=8] [--restart] [--address ...]
+    python tune.py check experiments/ptb_mogrify.yaml      # validate and show the search space; runs nothing
+    python tune.py report results/ptb_mogrify             # tables + test evaluation of the best checkpoints
+    python tune.py compare results/ptb_mogrify results/ptb_lstm results/ptb_transformer
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from lmcore.data import DataError
+from lmtune.schema import ExperimentError, load_experiment
+
+COMMANDS = ("run", "check", "report", "compare")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "run")  # `tune.py EXPERIMENT.yaml` means run it
+    args = _parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ExperimentError, DataError) as err:  # nothing was launched
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    exp = load_experiment(args.experiment, args.set)  # everything validated before Ray starts
+    from lmtune.report import report
+    from lmtune.runner import run_experiment
+
+    finished = run_experiment(
+        exp,
+        restart=args.restart,
+        address=args.address,
+        num_cpus=args.num_cpus,
+        dashboard=not args.no_dashboard,
+        dashboard_host=args.dashboard_host,
+        dashboard_port=args.dashboard_port,
+    )
+    if not finished:
+        print(f"\n{exp.name} was interrupted: run the same command again to resume it.", file=sys.stderr)
+        return 1
+    _print_summary(exp.folder, report(exp.folder))  # the test split is touched here, once the search is over
+    return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    exp = load_experiment(args.experiment, args.set)
+    print(f"{exp.source}: valid. {exp.spec.trials} trials of {exp.spec.dataset}, folder {exp.folder}")
+    print("search space:\n  " + exp.space.describe().replace("\n", "\n  "))
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from lmtune.report import report
+
+    folder = _experiment_folder(args.folder)
+    _print_summary(folder, report(folder, evaluate=not args.no_eval))
+    return 0
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    from lmtune.report import compare
+    from lmtune.tables import markdown
+
+    folders = [_experiment_folder(f) for f in args.folders]
+    table = compare(folders)
+    out = Path(args.out) if args.out else folders[0].parent / "comparison"
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    out.with_suffix(".md").write_text(markdown(table) + "\n")
+    print(markdown(table))
+    print(f"\nwritten: {out.with_suffix('.md')}, {out.with_suffix('.csv')}")
+    return 0
+
+
+def _print_summary(folder: Path, summary: dict) -> None:
+    from lmtune.report import COMPARE_COLUMNS
+    from lmtune.results import compare_frame
+    from lmtune.tables import markdown
+
+    print(f"\n{summary['experiment']}: {summary['trials']} trials, {summary['status']}")
+    print(markdown(compare_frame([folder])[COMPARE_COLUMNS]))
+    print(f"\ntables and summary: {folder}/summary.md (trials, top_k, best_per_family as .md/.csv)")
+
+
+def _experiment_folder(path: str) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ExperimentError(f"{path}: no such experiment folder")
+    if not any(folder.glob("experiment_state-*.json")):
+        raise ExperimentError(f"{path}: not an experiment folder (no Ray experiment state in it yet)")
+    return folder.resolve()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tune.py", description="Hyperparameter search for neural language models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def experiment_command(name: str, handler, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("experiment", help="experiments/*.yaml")
+        sub.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a setting: lmcore names (model.hidden=32) or experiment keys (trials=8)")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    run_parser = experiment_command("run", run, "run or resume an experiment (the default command)")
+    run_parser.add_argument("--restart", action="store_true", help="delete the experiment's folder and start afresh")
+    run_parser.add_argument("--address", default=None, help="an existing Ray cluster (else $RAY_ADDRESS, else local)")
+    run_parser.add_argument("--num-cpus", type=int, default=_env_int("LMTUNE_NUM_CPUS"),
+                            help="CPUs of the local Ray (default: all; $LMTUNE_NUM_CPUS)")
+    run_parser.add_argument("--no-dashboard", action="store_true", default=os.environ.get("LMTUNE_DASHBOARD") == "0",
+                            help="do not start Ray's dashboard ($LMTUNE_DASHBOARD=0)")
+    run_parser.add_argument("--dashboard-host", default="127.0.0.1", help="0.0.0.0 exposes it to the network")
+    run_parser.add_argument("--dashboard-port", type=int, default=8265)
+    experiment_command("check", check, "validate an experiment and print its search space")
+
+    report_parser = commands.add_parser("report", help="tables and test evaluation of an experiment folder")
+    report_parser.add_argument("folder")
+    report_parser.add_argument("--no-eval", action="store_true", help="tables only: skip the test evaluation")
+    report_parser.set_defaults(handler=report_command)
+
+    compare_parser = commands.add_parser("compare", help="one table over several experiment folders")
+    compare_parser.add_argument("folders", nargs="+")
+    compare_parser.add_argument("--out", default=None, help="file stem for .md/.csv (default: <storage>/comparison)")
+    compare_parser.set_defaults(handler=compare_command)
+    return parser
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None

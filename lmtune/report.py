@@ -1,0 +1,145 @@
+"""The end of an experiment: evaluate the best checkpoints once on the test split, write the tables and summary.
+
+Files written to the experiment folder:
+    trials.{md,csv,parquet}           every trial: status, epochs, best valid ppl, params, tokens/s, time, config
+    top_k.{md,csv}                    the k best trials
+    best_per_family.{md,csv}          each family's best trial, with its valid and test perplexity
+    history.parquet                   every trial's per-epoch metrics (learning curves)
+    final_eval.json                   test-split results, cached per checkpoint (test is evaluated once)
+    summary.{json,md}                 the above in one place; `tune.py compare` reads summary.json
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from lmtune.results import SUMMARY_FILE, Results, compare_frame, load_results
+from lmtune.tables import markdown, write_table
+
+FINAL_EVAL_FILE = "final_eval.json"
+CHECKPOINT_FILE = "model.pt"  # as written by lmtune.trainable
+FAMILY_COLUMNS = ["family", "trial_id", "params", "best_valid_ppl", "valid_ppl", "test_ppl", "trials", "compute_h"]
+COMPARE_COLUMNS = ["experiment", "dataset", *FAMILY_COLUMNS]
+
+
+def report(folder: str | Path, evaluate: bool = True) -> dict[str, Any]:
+    """Write all tables and the summary for one experiment folder; returns the summary."""
+    results = load_results(folder)
+    folder = results.folder
+    top_k = results.experiment.get("report", {}).get("top_k", 5)
+    families = results.best_per_family()
+    evals = final_evaluation(results, families["trial_id"].tolist()) if evaluate else {}
+    families["valid_ppl"] = families["trial_id"].map(lambda t: evals.get(t, {}).get("valid_ppl", math.nan))
+    families["test_ppl"] = families["trial_id"].map(lambda t: evals.get(t, {}).get("test_ppl", math.nan))
+    families = families[FAMILY_COLUMNS]
+
+    write_table(results.trials, folder, "trials")
+    write_table(results.top(top_k), folder, "top_k", parquet=False)
+    write_table(families, folder, "best_per_family", parquet=False)
+    results.history.to_parquet(folder / "history.parquet", index=False)
+    summary = _summary(results, families, evals)
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=_json_value) + "\n")
+    (folder / "summary.md").write_text(_summary_markdown(summary, results, families, top_k))
+    return summary
+
+
+def final_evaluation(results: Results, trial_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Valid and test perplexity of each trial's best checkpoint; each checkpoint meets the test split once."""
+    cache_file = results.folder / FINAL_EVAL_FILE
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    evals = {}
+    for trial_id in trial_ids:
+        checkpoint = results.best_checkpoint(trial_id)
+        if checkpoint is None:
+            continue
+        key = str(checkpoint.relative_to(results.folder))
+        if key not in cache:
+            print(f"Evaluating the best checkpoint of trial {trial_id} on valid and test: {key}")
+            cache[key] = evaluate_checkpoint(checkpoint / CHECKPOINT_FILE)
+            cache_file.write_text(json.dumps(cache, indent=2) + "\n")
+        evals[trial_id] = {**cache[key], "checkpoint": key}
+    return evals
+
+
+def evaluate_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    import lmcore
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, vocab, config = lmcore.load_checkpoint(path, device=device)
+    corpus = lmcore.load_corpus(config.data.name, config.data.dir)
+    scoring = dict(eos_id=vocab.eos_id, batch_size=config.data.eval_batch_size, bptt=config.data.bptt, device=device)
+    valid = lmcore.evaluate(model, corpus.valid, **scoring)
+    test = lmcore.evaluate(model, corpus.test, **scoring)  # the only use of the test split
+    return {
+        "valid_ppl": valid["ppl"], "valid_loss": valid["loss"], "test_ppl": test["ppl"], "test_loss": test["loss"],
+        "test_tokens": test["tokens"], "config": config.flat(),
+    }
+
+
+def compare(folders: list[str | Path]) -> pd.DataFrame:
+    """The Mogrifier-vs-LSTM-vs-Transformer table over several experiment folders (reporting any not yet reported)."""
+    for folder in folders:
+        if not (Path(folder) / SUMMARY_FILE).exists():
+            report(folder)
+    return compare_frame(folders)[COMPARE_COLUMNS]
+
+
+def _summary(results: Results, families: pd.DataFrame, evals: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    exp, trials = results.experiment, results.trials
+    best_id = families["trial_id"].iloc[0] if len(families) else None
+    best_row = results.trials.set_index("trial_id").loc[best_id] if best_id else None
+    return {
+        "experiment": exp.get("name", results.folder.name),
+        "dataset": exp.get("dataset"),
+        "metric": exp.get("metric"),
+        "mode": exp.get("mode"),
+        "trials_configured": exp.get("trials"),
+        "trials": len(trials),
+        "status": trials["status"].value_counts().to_dict() if len(trials) else {},
+        "compute_h": float(trials["time_s"].sum() / 3600) if len(trials) else 0.0,
+        "best": None if best_row is None else {
+            "trial_id": best_id,
+            "family": best_row["family"],
+            "params": best_row["params"],
+            "epochs": best_row["epochs"],
+            "best_valid_ppl": best_row["best_valid_ppl"],
+            **{k: v for k, v in evals.get(best_id, {}).items() if k != "config"},
+            "config": evals.get(best_id, {}).get("config"),
+        },
+        "families": families.to_dict(orient="records"),
+    }
+
+
+def _summary_markdown(summary: dict[str, Any], results: Results, families: pd.DataFrame, top_k: int) -> str:
+    best = summary["best"] or {}
+    status = ", ".join(f"{n} {s}" for s, n in summary["status"].items())
+    lines = [
+        f"# {summary['experiment']} ({summary['dataset']})",
+        "",
+        f"{summary['trials']} of {summary['trials_configured']} trials ({status}); "
+        f"{summary['compute_h']:.2f} trial-hours.",
+        "",
+    ]
+    if best:
+        lines += [
+            f"Best: trial {best['trial_id']} ({best['family']}), valid ppl {best.get('valid_ppl', math.nan):.2f}, "
+            f"test ppl {best.get('test_ppl', math.nan):.2f}, checkpoint `{best.get('checkpoint')}`.",
+            "",
+        ]
+    lines += ["## Best per family", "", markdown(families), "", f"## Top {top_k}", "", markdown(results.top(top_k)), ""]
+    if best.get("config"):
+        config = yaml.safe_dump(best["config"], sort_keys=False).strip()
+        lines += ["## Best configuration", "", "```yaml", config, "```", ""]
+    return "\n".join(lines)
+
+
+def _json_value(value: Any) -> Any:
+    """numpy scalars and the like, for json.dumps."""
+    return value.item() if hasattr(value, "item") else str(value)

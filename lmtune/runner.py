@@ -1,0 +1,179 @@
+"""Run or resume one experiment: Ray up, corpus warm, a Tuner with OptunaSearch + ASHA fitted (or restored)."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import yaml
+
+from lmcore.config import flatten
+from lmtune.schema import Experiment, ExperimentError
+from lmtune.search import STUDY_FILE, make_scheduler, make_searcher
+
+SNAPSHOT_FILE = "experiment.yaml"  # the validated experiment, compared on resume
+NEVER_STARTED = {SNAPSHOT_FILE, STUDY_FILE}  # all a folder holds if it stopped before Ray's first snapshot
+
+
+def run_experiment(
+    exp: Experiment,
+    *,
+    restart: bool = False,
+    address: str | None = None,
+    num_cpus: int | None = None,
+    dashboard: bool = True,
+    dashboard_host: str = "127.0.0.1",
+    dashboard_port: int = 8265,
+) -> bool:
+    """Run `exp` (resuming it if its folder holds an interrupted run). True when every trial has finished;
+    False when the run was interrupted (Ctrl-C): running the same command again resumes it."""
+    import ray
+    from ray import tune
+
+    import lmcore
+    from lmtune.trainable import train_lm
+
+    data = exp.base.data
+    lmcore.load_corpus(data.name, data.dir)  # tokenised (and cached) on this node; missing data fails here
+    resume = prepare_folder(exp, restart)
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter, trimmed to our columns
+    started = not ray.is_initialized()  # a caller (notebook, test) may have started Ray already
+    if started:
+        start_ray(address, num_cpus, dashboard, dashboard_host, dashboard_port)
+    folder = exp.folder
+    print(f"Experiment folder: {folder}")
+    print(f"  TensorBoard:      tensorboard --logdir {folder}")
+    print(f"  Optuna dashboard: optuna-dashboard sqlite:///{folder / STUDY_FILE}")
+    warm_other_nodes(data.name, data.dir)
+
+    resources = {"cpu": exp.spec.resources.cpus, "gpu": exp.spec.resources.gpus}
+    trainable = tune.with_resources(tune.with_parameters(train_lm, base=exp.base.model_dump()), resources)
+    if resume:
+        print(f"Resuming {exp.name}: finished trials are kept, unfinished ones continue from their checkpoints.")
+        tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=exp.spec.metric,
+                mode=exp.spec.mode,
+                search_alg=make_searcher(exp, folder),
+                scheduler=make_scheduler(exp),
+                num_samples=exp.spec.trials,
+                max_concurrent_trials=exp.spec.max_concurrent,
+                trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=exp.name,
+                storage_path=exp.spec.storage,
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=exp.spec.checkpoints.keep,  # Ray also keeps the latest, to resume from
+                    checkpoint_score_attribute="valid_ppl",
+                    checkpoint_score_order="min",
+                ),
+                failure_config=tune.FailureConfig(max_failures=exp.spec.failure.max_failures),
+                progress_reporter=make_reporter(exp),
+                verbose=1,
+            ),
+        )
+    results = tuner.fit()
+    if started:
+        ray.shutdown()
+    return results.num_terminated + results.num_errors >= exp.spec.trials
+
+
+def prepare_folder(exp: Experiment, restart: bool) -> bool:
+    """True to resume. A fresh run never writes over an existing folder unless `restart` says so."""
+    from ray import tune
+
+    folder = exp.folder
+    if folder.exists() and restart:
+        shutil.rmtree(folder)
+        print(f"--restart: removed {folder}")
+    if folder.exists() and {p.name for p in folder.iterdir()} <= NEVER_STARTED:
+        shutil.rmtree(folder)  # stopped before Ray ran anything: only our own files, nothing to keep
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        (folder / SNAPSHOT_FILE).write_text(yaml.safe_dump(exp.snapshot(), sort_keys=False))
+        return False
+    if not tune.Tuner.can_restore(str(folder)):
+        raise ExperimentError(
+            f"{folder}: exists but holds no run that can be resumed (stopped before its first snapshot?); "
+            "pass --restart to start it afresh"
+        )
+    _check_same_experiment(exp, folder)
+    return True
+
+
+def _check_same_experiment(exp: Experiment, folder: Path) -> None:
+    saved_file = folder / SNAPSHOT_FILE
+    saved = flatten(yaml.safe_load(saved_file.read_text()) or {}) if saved_file.exists() else {}
+    now = flatten(yaml.safe_load(yaml.safe_dump(exp.snapshot())))  # the types YAML reads back
+    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if changed:
+        raise ExperimentError(
+            f"{exp.source}: differs from the run being resumed in {folder} ({', '.join(changed)}); "
+            "resume with the original settings, or pass --restart to start afresh"
+        )
+
+
+def start_ray(address: str | None, num_cpus: int | None, dashboard: bool, host: str, port: int) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:  # an existing cluster: its own resources and dashboard
+        context = ray.init(address=address)
+    else:
+        context = ray.init(
+            address="local",  # a new Ray on this machine, never some other local cluster found by chance
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            dashboard_host=host,
+            dashboard_port=port,
+            logging_config=ray.LoggingConfig(log_level="WARNING"),  # no "checkpoint created" line per epoch
+        )
+    if context.dashboard_url:
+        print(f"Ray dashboard: http://{context.dashboard_url}")
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+            print("  it asks for Ray's auth token: print it with `ray get-auth-token`")
+        if host == "127.0.0.1" and not address:
+            print(f"  from another machine: ssh -L {port}:127.0.0.1:{port} {socket.gethostname()}")
+
+
+def warm_other_nodes(name: str, data_dir: str | None) -> None:
+    """Tokenise the corpus once on every other node of the cluster (lmcore caches it on disk), not per trial."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here and n["Resources"].get("CPU")]
+    load = ray.remote(num_cpus=1)(_load_corpus)
+    ray.get([
+        load.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(name, data_dir)
+        for node in others
+    ])
+
+
+def _load_corpus(name: str, data_dir: str | None) -> None:
+    import lmcore
+
+    lmcore.load_corpus(name, data_dir)
+
+
+def make_reporter(exp: Experiment):
+    """Ray's terminal table, trimmed to: trial, status, family, key params, epoch, valid ppl."""
+    from ray import tune
+
+    # Only settings every trial has: Ray's reporter fails on a trial lacking a column (a conditional one).
+    always = [name for name in exp.space.always_present() if name != "model.family"]
+    params = {"model.family": "family"}
+    params.update({name: name.split(".", 1)[1].replace("dropout.", "drop.") for name in always[:6]})
+    return tune.CLIReporter(
+        parameter_columns=params,
+        metric_columns={"training_iteration": "epoch", "valid_ppl": "valid ppl", "best_valid_ppl": "best ppl"},
+        sort_by_metric=True,  # metric and mode come from TuneConfig
+        max_progress_rows=20,
+        max_report_frequency=30,
+    )

@@ -1,0 +1,71 @@
+"""The searcher and the scheduler: Optuna (TPE, study in SQLite) chooses configs, ASHA stops weak trials."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from lmtune.schema import Experiment
+
+STUDY_FILE = "optuna.db"  # `optuna-dashboard sqlite:///<experiment folder>/optuna.db`
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch whose SQLite study stays consistent when the driver is killed and the run restored.
+
+    Ray snapshots the searcher (and with it which Optuna trial belongs to which Ray trial) every few seconds,
+    but Optuna writes each `ask` to SQLite at once. Trials asked after the last snapshot belong to no Ray trial
+    after a restore; they are closed as FAIL so the study does not show them running forever.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        try:
+            super().on_trial_result(trial_id, result)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # Ray replays epochs of a trial that Optuna saw finish just before the driver was killed
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        owned = {t.number for t in self._ot_trials.values()}
+        for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if trial.number not in owned:
+                self._ot_study.tell(trial.number, state=TrialState.FAIL)
+
+
+def make_searcher(exp: Experiment, folder: Path) -> StudySearch:
+    s = exp.spec.searcher
+    if s.sampler == "tpe":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # `group` is "experimental"
+            # multivariate + group: the parameters that exist together (one family's) are modelled jointly.
+            sampler = optuna.samplers.TPESampler(
+                seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True, group=True, constant_liar=True
+            )
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=s.seed)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}")
+    # OptunaSearch has no pruner: ASHA does the early stopping. metric/mode go here as well as to Tune.
+    return StudySearch(
+        space=exp.space,
+        metric=exp.spec.metric,
+        mode=exp.spec.mode,
+        sampler=sampler,
+        study_name=exp.name,
+        storage=storage,
+    )
+
+
+def make_scheduler(exp: Experiment) -> TrialScheduler:
+    s = exp.spec.scheduler
+    if s.type == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",  # = epochs: one report per epoch
+        max_t=s.max_epochs,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+    )

@@ -1,0 +1,54 @@
+"""The Tune function trainable: one trial = one `lmcore.train` run, reporting and checkpointing every epoch."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+import lmcore
+from lmcore.config import make_config
+from lmtune.space import trial_settings
+
+CHECKPOINT_FILE = "model.pt"  # the one file lmcore's save_checkpoint writes, inside each Tune checkpoint
+METRICS_FILE = "metrics.json"  # the epoch's metrics, beside it
+
+
+def train_lm(config: dict[str, Any], base: dict[str, Any]) -> None:
+    """`config` is what Optuna chose (dotted lmcore names); `base` the experiment's fixed settings."""
+    cpus, gpus = _trial_resources()
+    settings = {
+        **trial_settings(config),
+        "train.threads": max(1, int(cpus)),  # torch threads = the CPUs Ray gave this trial
+        "train.device": "cuda" if gpus > 0 else "cpu",  # Ray sets CUDA_VISIBLE_DEVICES to our share
+        "train.progress": False,
+    }
+    run_config = make_config(base, settings)
+
+    def report(metrics: dict[str, Any], save_checkpoint) -> None:
+        if metrics.get("diverged"):
+            tune.report(metrics)  # recorded as diverged; no checkpoint of a NaN model
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(Path(tmp) / CHECKPOINT_FILE)
+            (Path(tmp) / METRICS_FILE).write_text(json.dumps(metrics))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))  # persisted before returning
+
+    checkpoint = tune.get_checkpoint()  # set when Tune resumes or retries this trial
+    if checkpoint is None:
+        lmcore.train(run_config, report=report)
+        return
+    with checkpoint.as_directory() as folder:
+        last = json.loads((Path(folder) / METRICS_FILE).read_text())
+        if last["epoch"] >= run_config.train.epochs:
+            # Resumed from its final checkpoint (the driver died as it finished): report the end again.
+            tune.report(last)
+            return
+        lmcore.train(run_config, report=report, resume_from=Path(folder) / CHECKPOINT_FILE)
+
+
+def _trial_resources() -> tuple[float, float]:
+    bundles = tune.get_context().get_trial_resources().required_resources
+    return bundles.get("CPU", 1.0), bundles.get("GPU", 0.0)

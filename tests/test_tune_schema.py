@@ -1,0 +1,184 @@
+"""Experiment validation: every error path gives one clear line naming the file and field, exit code 2,
+and nothing is launched (no results folder appears)."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmtune.cli import main
+from lmtune.schema import ExperimentError, load_experiment
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def experiment(tmp_path: Path, space: dict | str | None = None, **changes) -> Path:
+    """A valid experiment file, with `changes` to its top-level keys (None removes a key)."""
+    spec = {
+        "name": "exp",
+        "dataset": "ptb",
+        "family": "lstm",
+        "fixed": {"model.hidden": 32, "model.layers": 1},
+        "search_space": "space.yaml",
+        "scheduler": {"max_epochs": 3, "grace_period": 1},
+        "trials": 4,
+        "storage": str(tmp_path / "results"),
+    }
+    spec.update(changes)
+    spec = {k: v for k, v in spec.items() if v is not None}
+    if space is None:
+        space = {"params": {"optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
+    (tmp_path / "space.yaml").write_text(space if isinstance(space, str) else yaml.safe_dump(space, sort_keys=False))
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def params(**entries) -> dict:
+    return {"params": {k.replace("__", "."): v for k, v in entries.items()}}
+
+
+def fails(path: Path, capsys, *extra: str) -> str:
+    """Runs `tune.py check` and `tune.py run` on it: both exit 2 before anything starts."""
+    for command in ("check", "run"):
+        assert main([command, str(path), *extra]) == 2
+        message = capsys.readouterr().err
+    assert not (path.parent / "results").exists(), "nothing may be launched"
+    assert message.startswith("error: ")
+    return message
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_experiments_are_valid(path):
+    exp = load_experiment(path)
+    assert exp.name == path.stem
+    assert exp.space.names()
+
+
+def test_shipped_experiments_cover_the_issue():
+    names = {p.stem for p in SHIPPED}
+    assert {"ptb_mogrify", "ptb_lstm", "ptb_transformer", "wt2_mogrify", "wt2_lstm", "wt2_transformer",
+            "ptb_compare", "quickstart"} <= names
+    budgets = {p.stem: load_experiment(p).base.model.params_budget for p in SHIPPED}
+    assert all(budgets[f"ptb_{f}"] == 24_000_000 and budgets[f"wt2_{f}"] == 35_000_000
+               for f in ("mogrify", "lstm", "transformer"))
+
+
+def test_a_valid_experiment_resolves(tmp_path):
+    exp = load_experiment(experiment(tmp_path), ["optim.weight_decay=1e-6", "trials=8"])
+    assert exp.spec.trials == 8
+    assert exp.base.optim.weight_decay == 1e-6  # `1e-6` is a float, not YAML 1.1's string
+    assert exp.base.train.epochs == 3  # = scheduler.max_epochs
+    assert exp.base.data.name == "ptb" and exp.base.model.family == "lstm"
+    assert exp.folder == tmp_path / "results" / "exp"
+    assert exp.space.constants == {"model.family": "lstm"}
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"trialz": 3}, "exp.yaml: trialz: Extra inputs are not permitted"),
+    ({"trials": "many"}, "exp.yaml: trials: Input should be a valid integer"),
+    ({"trials": 0}, "exp.yaml: trials: Input should be greater than 0"),
+    ({"dataset": "c4"}, "exp.yaml: dataset: Input should be 'ptb', 'wikitext-2' or 'text' (got 'c4')"),
+    ({"family": "gpt"}, "exp.yaml: family: Input should be 'mogrifier', 'lstm', 'gru', 'rnn' or 'transformer'"),
+    ({"dataset": None}, "exp.yaml: dataset: Field required"),
+    ({"metric": "accuracy"}, "exp.yaml: metric: Input should be 'valid_ppl', 'valid_loss' or 'best_valid_ppl'"),
+    ({"scheduler": {"max_epochs": 3, "grace_period": 5}}, "exp.yaml: scheduler: grace_period (5) exceeds max_epochs (3)"),
+    ({"scheduler": {"max_epochs": 3, "reduction_factor": 1}}, "exp.yaml: scheduler.reduction_factor: Input should be greater than 1"),
+    ({"scheduler": {"type": "pbt", "max_epochs": 3}}, "exp.yaml: scheduler.type: Input should be 'asha' or 'fifo'"),
+    ({"searcher": {"sampler": "cmaes"}}, "exp.yaml: searcher.sampler: Input should be 'tpe' or 'random'"),
+    ({"resources": {"cpus": 0}}, "exp.yaml: resources.cpus: Input should be greater than 0"),
+    ({"resources": {"gpus": 1.5}}, "exp.yaml: resources: gpus above 1 must be a whole number"),
+    ({"storage": "s3://bucket/x"}, "exp.yaml: storage: storage must be a filesystem path"),
+    ({"name": "../escape"}, "exp.yaml: name: String should match pattern"),
+    ({"fixed": {"model.roundz": 3}}, "exp.yaml: fixed.model.roundz: unknown setting (did you mean model.rounds?)"),
+    ({"fixed": {"model": {"dropout": {"state": 1.5}}}}, "exp.yaml: fixed.model.dropout.state: Input should be less than 1"),
+    ({"fixed": {"optim.lr": "fast"}}, "exp.yaml: fixed.optim.lr: Input should be a valid number"),
+    ({"fixed": {"train.epochs": 9}}, "exp.yaml: fixed.train.epochs: is set by scheduler.max_epochs (3); remove it"),
+    ({"fixed": {"train.threads": 4}}, "exp.yaml: fixed.train.threads: is set by resources.cpus"),
+    ({"fixed": {"data.name": "wikitext-2"}}, "exp.yaml: fixed.data.name: is set by dataset ('ptb')"),
+    ({"family": None}, "exp: family: required unless the search space chooses model.family"),
+    ({"search_space": "missing.yaml"}, "exp.yaml: search_space: no such file:"),
+])
+def test_experiment_errors(tmp_path, capsys, changes, message):
+    message_seen = fails(experiment(tmp_path, **changes), capsys)
+    assert message in message_seen
+
+
+@pytest.mark.parametrize("space, message", [
+    (params(optim__lr={"type": "float", "low": 0.01, "high": 0.001}),
+     "space.yaml: params.optim.lr: empty or inverted range: low (0.01) must be below high (0.001)"),
+    (params(model__roundz={"type": "int", "low": 1, "high": 3}),
+     "space.yaml: params.model.roundz: unknown setting (did you mean model.rounds?)"),
+    (params(model__dropout__state={"type": "float", "low": 0.0, "high": 1.5}),
+     "space.yaml: params.model.dropout.state: Input should be less than 1 (got 1.5)"),
+    (params(model__pos_encode={"choices": ["sinusoidal", "rotary"]}),
+     "space.yaml: params.model.pos_encode: Input should be 'none', 'sinusoidal' or 'learned' (got 'rotary')"),
+    (params(model__hidden={"type": "int", "low": 16, "high": 64}),
+     "space.yaml: params.model.hidden: is also in the experiment's fixed settings"),
+    (params(train__epochs={"type": "int", "low": 1, "high": 3}),
+     "space.yaml: params.train.epochs: is set by scheduler.max_epochs, not searched"),
+    (params(model__family={"choices": ["lstm", "gru"]}),
+     "space.yaml: params.model.family: the experiment fixes family: lstm"),
+    (params(model__rounds={"type": "int", "low": 1, "high": 3, "when": {"model.famly": "mogrifier"}}),
+     "space.yaml: params.model.rounds.when: unknown setting model.famly"),
+    (params(model__rounds={"type": "int", "low": 1, "high": 3, "when": {"model.rank": 8}},
+            model__rank={"choices": [8, 16]}),
+     "space.yaml: params.model.rounds.when: model.rank must be defined above model.rounds"),
+    ({"params": {}}, "space.yaml: params: expected a non-empty mapping"),
+    ({"parameters": {}}, "space.yaml: parameters: Extra inputs are not permitted"),
+    ("params: [unclosed", "space.yaml: not valid YAML"),
+    ("- a list", "space.yaml: expected a mapping of settings at the top level"),
+])
+def test_search_space_errors(tmp_path, capsys, space, message):
+    assert message in fails(experiment(tmp_path, space=space), capsys)
+
+
+def test_conditions_on_a_value_never_chosen(tmp_path, capsys):
+    space = params(model__family={"choices": ["mogrifier", "lstm"]},
+                   model__rounds={"type": "int", "low": 1, "high": 3, "when": {"model.family": "transformer"}})
+    message = fails(experiment(tmp_path, space=space, family=None), capsys)
+    assert "params.model.rounds.when: model.family never takes ['transformer']" in message
+
+
+def test_settings_invalid_together_are_caught_by_sampling(tmp_path, capsys):
+    space = params(model__d_model={"choices": [96, 128]}, model__heads={"choices": [3, 4]})
+    message = fails(experiment(tmp_path, space=space, family="transformer"), capsys)
+    assert "space.yaml: these settings are invalid together" in message
+    assert "must be a multiple of heads" in message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.roundz=3", "--set model.roundz: unknown setting (did you mean model.rounds?)"),
+    ("model.rounds=-1", "fixed.model.rounds: Input should be greater than or equal to 0 (got -1)"),
+    ("trials=x", "(with --set trials=x): trials: Input should be a valid integer"),
+    ("bogus=1", "bogus: Extra inputs are not permitted"),
+    ("trials", "--set trials: expected key=value"),
+    ("scheduler.max_epochs.x=1", "--set scheduler.max_epochs.x=1: scheduler.max_epochs.x: 'max_epochs' is a value"),
+])
+def test_command_line_overrides_are_validated_the_same_way(tmp_path, capsys, override, message):
+    assert message in fails(experiment(tmp_path), capsys, "--set", override)
+
+
+def test_errors_are_collected_not_stopped_at_the_first(tmp_path):
+    with pytest.raises(ExperimentError) as err:
+        load_experiment(experiment(tmp_path, trials=0, dataset="c4", bogus=1))
+    assert len(str(err.value).splitlines()) == 3
+
+
+def test_missing_experiment_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml: no such file" in capsys.readouterr().err
+
+
+def test_check_prints_the_space(tmp_path, capsys):
+    assert main(["check", str(experiment(tmp_path))]) == 0
+    assert "optim.lr: float [0.0001, 0.01] log" in capsys.readouterr().out
+
+
+def test_missing_data_stops_before_anything_starts(tmp_path, capsys):
+    empty = tmp_path / "no_corpus"
+    empty.mkdir()
+    path = experiment(tmp_path, dataset="text", fixed={"data.dir": str(empty), "model.hidden": 16})
+    assert main(["run", str(path)]) == 2
+    assert "text: cannot find train.txt" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()

@@ -1,0 +1,34 @@
+"""Result tables: trial status classification and the Markdown rendering."""
+import math
+
+import pandas as pd
+
+from lmtune.results import trial_status
+from lmtune.tables import markdown
+
+
+def test_trial_status():
+    assert trial_status("TERMINATED", {"diverged": False}, 4, 4) == "completed"
+    assert trial_status("TERMINATED", {"diverged": False}, 1, 4) == "early-stopped"  # stopped by ASHA
+    assert trial_status("TERMINATED", {"diverged": True}, 1, 4) == "diverged"
+    assert trial_status("ERROR", {}, 2, 4) == "error"
+    assert trial_status("RUNNING", {}, 2, 4) == "running"  # an interrupted or live experiment
+    assert trial_status("PENDING", {}, 0, 4) == "pending"
+
+
+def test_markdown_formats_numbers_for_reading():
+    frame = pd.DataFrame({
+        "family": ["mogrifier", "lstm"],
+        "params": [24_012_345, 2_873],
+        "best_valid_ppl": [55.123, math.inf],
+        "time_s": [12345.6, math.nan],
+        "optim.lr": [0.0012345, 3e-3],
+        "model.rank": [None, 32],
+        "diverged": [False, True],
+    })
+    lines = markdown(frame).splitlines()
+    assert lines[0] == "| family | params | best_valid_ppl | time_s | optim.lr | model.rank | diverged |"
+    assert lines[1] == "|---|---:|---:|---:|---:|---:|---|"
+    assert lines[2] == "| mogrifier | 24.01M | 55.12 | 12,346 | 0.001234 |  | false |"
+    assert lines[3] == "| lstm | 2.9k | inf |  | 0.003 | 32 | true |"
+    assert markdown(frame.iloc[:0]) == "(no trials)"
