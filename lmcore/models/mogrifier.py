@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from lmcore.models.mogrifier_fast import mogrifier_lstm
+from .mogrifier_fast import mogrifier_lstm
 
 
 class MogrifierRound(nn.Module):

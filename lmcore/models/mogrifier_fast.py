@@ -1,248 +1,391 @@
 """Fast path of the Mogrifier LSTM layer: one autograd node per sequence, backward through time by hand.
 
-`MogrifierLSTMLayer.forward` (lmcore/models/mogrifier.py) calls `mogrifier_lstm` here; the step-by-step
-autograd version, `forward_reference`, is what this is tested against. What makes it fast:
+`MogrifierLSTMLayer.forward` (lmcore/models/mogrifier.py) calls `mogrifier_lstm` here; the readable
+step-by-step autograd version, `forward_reference`, is what this is tested against. What makes it fast:
 
-* One `torch.autograd.Function` for the whole sequence. The forward loop writes every intermediate
-  into preallocated [T, B, ...] buffers with `out=` ops (no per-step allocation, no autograd graph).
-  The backward loop runs only the truly sequential chain (state gradients); the weight gradients of
-  all time steps are then a few large matrix products over T*B rows (what cuDNN does for the LSTM).
-* A round  t <- 2*sigmoid(M s + b) * t  is computed as  t + t*tanh((M/2) s + b/2)  (the same
-  function, 2*sigmoid(z) = 1 + tanh(z/2)): one addmm, one tanh, one addcmul, and its backward
-  needs only the round's output and the tanh.
-* The LSTM gate matmul of x and h is one addmm against [W_ih | W_hh] pre-transposed and contiguous
-  (a transposed view is 2-3x slower on the CPU). The final x and h of the mogrifier are written
-  straight into the two halves of that matmul's input. The gate rows are reordered internally to
-  (g, i, f, o) so that one tanh and one sigmoid cover them; the backward's elementwise factors are
-  precomputed for all steps at once after the forward loop, so that per step the gate backward is
-  four elementwise ops.
+* One `torch.autograd.Function` for the whole sequence. The forward loop writes every intermediate into
+  buffers allocated once per call ([T, B, ...]) with `out=` ops: no per-step allocation, no autograd
+  graph. All per-step views of those buffers are made up front with `unbind`, so the loops do list
+  look-ups instead of tensor indexing (each index or slice is a dispatcher call of a few microseconds,
+  as much as the arithmetic at B=32, n=256).
+* The backward loop runs only the truly sequential chain (the state gradients); the weight gradients
+  of all time steps are then a few large matrix products over T*B rows (what cuDNN does for the LSTM).
+* A round  t <- 2 sigmoid(M s + b) * t  is computed as  t + t * tanh((M/2) s + b/2)  (the same
+  function: 2 sigmoid(z) = 1 + tanh(z/2); halving is exact in floating point): one addmm, one tanh,
+  one addcmul, and its backward needs only the round's output and the tanh.
+* The LSTM gate matmul of x and h is one addmm against [W_ih | W_hh]^T, pre-transposed and contiguous
+  (a transposed view is 2-3x slower on the CPU); the mogrifier writes its final x and h straight into
+  the two halves of that matmul's input. The elementwise factors of the gate backward are computed for
+  all steps at once after the forward loop, so the per-step gate backward is four elementwise ops.
+* On the CPU the big buffers come from a workspace that is reused across calls (fresh memory of that
+  size costs page faults on every call).
 
-Works on any device and dtype (float64 for gradcheck); under autocast the matmuls and activations run
-in the autocast dtype while the cell state stays in float32.
+Works on any device and dtype (float64 for gradcheck). Under autocast the matmuls and activations run in
+the autocast dtype, the cell state in float32. The backward is not itself differentiable (no double
+backward); a state_mask that requires grad makes `MogrifierLSTMLayer.forward` use the reference.
+
+Where the time goes (2-core CPU, B=32, n=256, 5 rounds; docs/benchmarks.md): ~40% in the per-step matrix
+products, which are sequential and too small for a second core to help much; ~30% in the ~37 small
+elementwise ops per step; ~20% in the weight-gradient products; the rest in per-call setup.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import threading
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
-@dataclass(frozen=True)
+
+class _Workspace:
+    """Reuses the big per-call buffers on the CPU.
+
+    Each call needs tens of MB of buffers (forward: kept for the backward; backward: scratch). Fresh
+    memory of that size comes from the OS page by page (page faults: ~10% of the layer's time at
+    B=32, n=256). The workspace keeps the flat buffers it hands out and gives one out again when nothing
+    but the workspace references its storage any more (the autograd graph released its saved tensors,
+    or the backward finished). CUDA has its own caching allocator, so it is used on the CPU only.
+    `release_workspace()` drops the free buffers.
+    """
+
+    max_free = 6
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffers: dict[tuple, list[Tensor]] = {}
+
+    @staticmethod
+    def _free(buffer: Tensor) -> bool:
+        return _storage_use_count(buffer.untyped_storage()._cdata) <= 2  # the workspace + this call
+
+    def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        if device.type != "cpu" or _storage_use_count is None:
+            return torch.empty(numel, dtype=dtype, device=device)
+        with self._lock:
+            buffers = self._buffers.setdefault((device, dtype), [])
+            free = [b for b in buffers if self._free(b)]
+            fits = [b for b in free if b.numel() >= numel]
+            if fits:
+                return min(fits, key=Tensor.numel)[:numel]
+            # A new buffer; free ones too small for this request go, and at most max_free stay free.
+            free.sort(key=Tensor.numel)
+            drop = {id(b) for b in free if b.numel() < numel} | {id(b) for b in free[: -self.max_free]}
+            buffers[:] = [b for b in buffers if id(b) not in drop]
+            buffer = torch.empty(numel, dtype=dtype, device=device)
+            buffers.append(buffer)
+            return buffer[:numel]
+
+    def release(self) -> None:
+        with self._lock:
+            for buffers in self._buffers.values():
+                buffers[:] = [b for b in buffers if not self._free(b)]
+
+
+_WORKSPACE = _Workspace()
+
+
+def release_workspace() -> None:
+    """Give the free buffers of the fast path's CPU workspace back to the allocator."""
+    _WORKSPACE.release()
+
+
+class _Carve:
+    """Consecutive views [shape] of one flat buffer, each starting 64-byte aligned."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], dtype: torch.dtype, device: torch.device):
+        self.sizes = [math.prod(shape) for shape in shapes]
+        self.flat = _WORKSPACE.take(sum(-(-k // 16) * 16 for k in self.sizes), dtype, device)
+        self.offset = 0
+
+    def __call__(self, *shape: int) -> Tensor:
+        numel = math.prod(shape)
+        view = self.flat[self.offset : self.offset + numel].view(shape)
+        self.offset += -(-numel // 16) * 16
+        return view
+
+
 class _Round:
-    odd: bool  # odd rounds (1, 3, ...) update x from h; even rounds update h from x
-    low_rank: bool
-    x_version: int  # index of the x version this round reads/writes (see _Plan)
-    h_version: int
+    """One round. Its matrix and bias are used halved (exact in floating point):
+    full rank z/2 = s @ (M/2)^T + b/2, low rank z/2 = (s @ R^T) @ (L/2)^T + b/2."""
+
+    def __init__(self, index: int, version: int, params: tuple[Tensor, ...]):
+        self.odd = index % 2 == 1  # odd rounds (1, 3, ...) update x from h, even rounds h from x
+        self.version = version  # the x (odd) or h (even) version this round makes, from 1
+        self.matrix, self.right, self.bias = params if len(params) == 3 else (params[0], None, params[1])
+
+    def forward_shapes(self) -> list[tuple[int, int]]:
+        half_t = self.matrix.shape[::-1]
+        return [half_t] if self.right is None else [half_t, self.right.shape[::-1]]
+
+    def prepare_forward(self, carve) -> None:
+        """half_t: (M/2)^T or (L/2)^T, contiguous; right_t: R^T contiguous (low rank)."""
+        self.half_t = torch.mul(self.matrix.t(), 0.5, out=carve(*self.matrix.shape[::-1]))
+        self.right_t = None if self.right is None else carve(*self.right.shape[::-1]).copy_(self.right.t())
+        self.bias_half = self.bias * 0.5
+
+    def prepare_backward(self, carve) -> None:
+        self.half = torch.mul(self.matrix, 0.5, out=carve(*self.matrix.shape))
 
 
-def _plan(num_rounds: int) -> tuple[list[_Round], int, int]:
-    """Versions of x and h: version 0 is the step's input x / (masked) h, each round makes a new one."""
-    rounds, xv, hv = [], 0, 0
-    for i in range(1, num_rounds + 1):
-        if i % 2 == 1:
-            xv += 1
-        else:
-            hv += 1
-        rounds.append((i % 2 == 1, xv, hv))
-    return rounds, xv, hv
+def _round_plan(low_rank: tuple[bool, ...], params: tuple[Tensor, ...] | list[Tensor]) -> list[_Round]:
+    rounds, it, versions = [], iter(params), [0, 0]
+    for i, lr in enumerate(low_rank, start=1):
+        versions[i % 2] += 1
+        rounds.append(_Round(i, versions[i % 2], tuple(next(it) for _ in range(3 if lr else 2))))
+    return rounds
 
 
 class _MogrifierLSTMFunction(torch.autograd.Function):
+    """The whole sequence as one autograd node.
+
+    Non-tensor arguments: low_rank (per round: factored or not) and keep (store what the backward
+    needs; False without gradients, then the buffers are one step long and reused).
+    """
+
     @staticmethod
-    def forward(ctx, low_rank, keep, x, h0, c0, mask, w_ih, w_hh, bias, *round_params):  # noqa: C901
+    def forward(ctx, low_rank, keep, x, h0, c0, mask, w_ih, w_hh, bias, *round_params):
         T, B, m = x.shape
         n = h0.shape[1]
-        r = len(low_rank)
-        dtype, cdtype = x.dtype, c0.dtype
-        new = dict(device=x.device, dtype=dtype)
-        # The gate rows in internal order (g, i, f, o): one tanh and one sigmoid cover all gates.
-        perm = torch.cat([torch.arange(2 * n, 3 * n), torch.arange(0, 2 * n), torch.arange(3 * n, 4 * n)]).to(x.device)
-        w = torch.cat([w_ih, w_hh], 1).index_select(0, perm)  # [4n, m+n]
-        w_t = w.t().contiguous()  # [m+n, 4n]
-        b = bias.index_select(0, perm)
-        # Rounds, with weights and bias halved (exact in floating point): t <- t + t*tanh(M/2 s + b/2).
-        mats, rounds, it = [], [], iter(round_params)
-        for i, lr in enumerate(low_rank, start=1):
-            if lr:
-                left, right, rb = next(it), next(it), next(it)
-                # z/2 = (s @ R^T) @ (L/2)^T + b/2
-                mats.append((right.t().contiguous(), (left * 0.5).t().contiguous(), left * 0.5, right, rb * 0.5))
-            else:
-                weight, rb = next(it), next(it)
-                half = weight * 0.5
-                mats.append((None, half.t().contiguous(), half, None, rb * 0.5))
-        plan, x_last, h_last = _plan(r)
+        new = dict(device=x.device, dtype=x.dtype)
+        rounds = _round_plan(low_rank, round_params)
+        x_last = sum(rd.odd for rd in rounds)  # how many new x versions the rounds make
+        h_last = len(rounds) - x_last
 
-        steps = T if keep else 1  # without gradients, per-step scratch instead of per-sequence buffers
+        steps = T if keep else 1
         out = torch.empty(T, B, n, **new)
-        c_all = torch.empty(T + 1, B, n, device=x.device, dtype=cdtype)
+        # One workspace buffer for everything else: the shapes of all that is carved from it below.
+        pooled_c = c0.dtype == x.dtype
+        shapes = [(T + 1, B, n)] * pooled_c + [(steps, B, m + n), (steps, B, 4 * n), (steps, B, n)]
+        shapes += [(T, B, n) if keep else (0,)]
+        shapes += [(steps, B, m)] * max(x_last - 1, 0) + [(steps, B, n)] * max(h_last - 1, 0)
+        shapes += [(steps, B, n)] * (mask is not None and h_last > 0)
+        shapes += [(steps, B, m if rd.odd else n) for rd in rounds]
+        shapes += [(steps, B, rd.right.shape[0]) for rd in rounds if rd.right is not None]
+        shapes += [(m + n, 4 * n)] + [shape for rd in rounds for shape in rd.forward_shapes()]
+        carve = _Carve(shapes, x.dtype, x.device) if keep else (lambda *shape: torch.empty(shape, **new))
+        c_all = carve(T + 1, B, n) if pooled_c else torch.empty(T + 1, B, n, device=x.device, dtype=c0.dtype)
         c_all[0] = c0
-        xh = torch.empty(steps, B, m + n, **new)  # final x | final h: the input of the gate matmul
-        gates = torch.empty(steps, B, 4 * n, **new)
-        tanh_c = torch.empty(steps, B, n, **new)
-        h_masked = torch.empty(steps, B, n, **new) if mask is not None and h_last > 0 else None
-        # versions[k]: buffer of the k-th x (or h) version; version 0 is x itself (h: see the loop)
-        x_versions = [x] + [torch.empty(steps, B, m, **new) for _ in range(x_last - 1)] + ([xh[..., :m]] if x_last else [])
-        h_versions = [h_masked] + [torch.empty(steps, B, n, **new) for _ in range(h_last - 1)] + ([xh[..., m:]] if h_last else [])
-        if x_last == 0:
-            if keep:
-                xh[..., :m].copy_(x)
-        if h_last == 0 and mask is not None:
-            h_versions[0] = xh[..., m:]
-        tanhs = [torch.empty(steps, B, m if odd else n, **new) for odd, _, _ in plan]
-        lowr = [torch.empty(steps, B, mats[i][0].shape[1], **new) if low_rank[i] else None for i in range(r)]
+        xh = carve(steps, B, m + n)  # [final x | final h]: the input of the gate matmul
+        gates = carve(steps, B, 4 * n)  # i, f, g, o
+        tanh_c = carve(steps, B, n)
+        forget = carve(T, B, n) if keep else None  # (first a temporary)
+        # The x and h versions: version 0 is x itself / the previous h (masked: own buffer); each round
+        # makes a new version of its target; the last version of each lives in its half of `xh`.
+        x_ver = [x] + [carve(steps, B, m) for _ in range(x_last - 1)] + [xh[..., :m]] * (x_last > 0)
+        h_ver = [None] + [carve(steps, B, n) for _ in range(h_last - 1)] + [xh[..., m:]] * (h_last > 0)
+        if mask is not None:
+            h_ver[0] = carve(steps, B, n) if h_last > 0 else xh[..., m:]
+        if x_last == 0 and keep:
+            xh[..., :m].copy_(x)
+        for rd in rounds:
+            rd.tanh = carve(steps, B, m if rd.odd else n)
+        for rd in rounds:
+            rd.low = None if rd.right is None else carve(steps, B, rd.right.shape[0])
+        w_t = carve(m + n, 4 * n)  # [W_ih | W_hh]^T, contiguous: gates = [x | h] @ w_t + bias
+        w_t[:m].copy_(w_ih.t())
+        w_t[m:].copy_(w_hh.t())
+        for rd in rounds:
+            rd.prepare_forward(carve)
+
+        # Per-step views, made once.
+        X, OUT, C, XH, G, TC = (a.unbind(0) for a in (x, out, c_all, xh, gates, tanh_c))
+        H_PREV = (h0, *OUT[:-1])
+        G_IF = gates[..., : 2 * n].unbind(0)
+        G_I, G_F, G_G, G_O = (gates.view(steps, B, 4, n)[:, :, k].unbind(0) for k in range(4))
+        H_MASKED = None if mask is None else h_ver[0].unbind(0)
+        XH_X, XH_H = xh[..., :m].unbind(0), xh[..., m:].unbind(0)
+        loop_rounds = [
+            (
+                rd.odd,
+                rd.bias_half,
+                rd.half_t,
+                rd.right_t,
+                rd.tanh.unbind(0),
+                (x_ver if rd.odd else h_ver)[rd.version].unbind(0),
+                None if rd.low is None else rd.low.unbind(0),
+            )
+            for rd in rounds
+        ]
+        copy_x, copy_h = x_last == 0 and not keep, h_last == 0 and mask is None
+        addmm, addcmul, mul, mm, tanh = torch.addmm, torch.addcmul, torch.mul, torch.mm, torch.tanh
 
         for t in range(T):
             s = t if keep else 0
-            h_prev = h0 if t == 0 else out[t - 1]
-            if x_last == 0 and not keep:
-                xh[0, :, :m].copy_(x[t])
+            h_cur, x_cur = H_PREV[t], X[t]
             if mask is not None:
-                h_cur = torch.mul(h_prev, mask, out=h_versions[0][s])
-            else:
-                h_cur = h_prev
-                if h_last == 0:
-                    xh[s, :, m:].copy_(h_prev)
-            x_cur = x[t]
-            for i, (odd, xv, hv) in enumerate(plan):
-                right_t, left_t, _, _, rb = mats[i]
-                u = tanhs[i][s]
+                h_cur = mul(h_cur, mask, out=H_MASKED[s])
+            elif copy_h:
+                XH_H[s].copy_(h_cur)
+            if copy_x:
+                XH_X[s].copy_(x_cur)
+            for odd, b_half, half_t, right_t, U, NEW, LOW in loop_rounds:
+                u = U[s]
                 src, tgt = (h_cur, x_cur) if odd else (x_cur, h_cur)
                 if right_t is None:
-                    torch.addmm(rb, src, left_t, out=u)
+                    addmm(b_half, src, half_t, out=u)
                 else:
-                    k = lowr[i][s]
-                    torch.mm(src, right_t, out=k)
-                    torch.addmm(rb, k, left_t, out=u)
+                    low = LOW[s]
+                    mm(src, right_t, out=low)
+                    addmm(b_half, low, half_t, out=u)
                 u.tanh_()
-                if odd:
-                    x_cur = torch.addcmul(tgt, tgt, u, out=x_versions[xv][s])
+                if odd:  # x <- 2 sigmoid(z) x = x + x tanh(z/2)
+                    x_cur = addcmul(tgt, tgt, u, out=NEW[s])
                 else:
-                    h_cur = torch.addcmul(tgt, tgt, u, out=h_versions[hv][s])
-            g = gates[s]
-            torch.addmm(b, xh[s], w_t, out=g)
-            g[:, :n].tanh_()
-            g[:, n:].sigmoid_()
-            c = c_all[t + 1]
-            torch.mul(g[:, 2 * n : 3 * n], c_all[t], out=c)
-            c.addcmul_(g[:, n : 2 * n], g[:, :n])
-            tc = tanh_c[s]
-            torch.tanh(c, out=tc)
-            torch.mul(g[:, 3 * n :], tc, out=out[t])
+                    h_cur = addcmul(tgt, tgt, u, out=NEW[s])
+            addmm(bias, XH[s], w_t, out=G[s])
+            G_IF[s].sigmoid_()
+            G_G[s].tanh_()
+            G_O[s].sigmoid_()
+            c = C[t + 1]
+            mul(G_F[s], C[t], out=c)
+            c.addcmul_(G_I[s], G_G[s])
+            tc = tanh(c, out=TC[s])
+            mul(G_O[s], tc, out=OUT[t])
 
         h_t, c_t = out[T - 1].clone(), c_all[T].clone()
         if not keep:
             return out, h_t, c_t
 
         # Elementwise factors of the gate backward, for all steps at once. Afterwards `gates` holds
-        # [i(1-g^2), g i(1-i), c_prev f(1-f), tanh(c) o(1-o)], so that dgates = [dc, dc, dc, dh] * gates.
-        gg, ig, fg, og = gates[..., :n], gates[..., n : 2 * n], gates[..., 2 * n : 3 * n], gates[..., 3 * n :]
-        forget = fg.clone()
-        d_c_from_h = tanh_c.square().neg_().add_(1).mul_(og)  # dc += dh * o (1 - tanh(c)^2)
-        new_g = ig * (1 - gg.square())
-        ig.mul_(1 - ig).mul_(gg)
-        gg.copy_(new_g)
-        fg.mul_(1 - fg).mul_(c_all[:-1])
-        og.mul_(1 - og).mul_(tanh_c)
-        del new_g
-        ctx.save_for_backward(out, h0, mask)
-        ctx.stuff = (plan, mats, x_versions, h_versions, tanhs, lowr, xh, gates, forget, d_c_from_h, c_all, w, perm)
-        ctx.shapes = (T, B, m, n, r, x_last, h_last)
+        # [g i(1-i), c_prev f(1-f), i(1-g^2), tanh(c) o(1-o)]: d gates = [dc, dc, dc, dh] * gates.
+        ig, fg, gg, og = gates[..., :n], gates[..., n : 2 * n], gates[..., 2 * n : 3 * n], gates[..., 3 * n :]
+        tmp = torch.mul(og, tanh_c, out=forget)
+        dc_dh = torch.addcmul(og, tmp, tanh_c, value=-1, out=tanh_c)  # d c / d h = o (1 - tanh(c)^2)
+        torch.addcmul(tmp, tmp, og, value=-1, out=og)
+        torch.mul(ig, gg, out=tmp)
+        torch.addcmul(ig, tmp, gg, value=-1, out=gg)
+        torch.addcmul(tmp, tmp, ig, value=-1, out=ig)
+        forget.copy_(fg)
+        torch.mul(forget, c_all[:-1], out=fg)
+        fg.addcmul_(fg, forget, value=-1)
+
+        # Everything through save_for_backward: freed after the backward unless retain_graph.
+        ctx.low_rank, ctx.c_dtype = low_rank, c0.dtype
+        ctx.save_for_backward(
+            out, h0, mask, w_ih, w_hh, xh, gates, forget, dc_dh, x, h_ver[0],
+            *x_ver[1:x_last], *h_ver[1:h_last], *(rd.tanh for rd in rounds), *(rd.low for rd in rounds),
+            *round_params,
+        )  # fmt: skip
         return out, h_t, c_t
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, d_out, d_ht, d_ct):  # noqa: C901
-        out, h0, mask = ctx.saved_tensors
-        plan, mats, x_versions, h_versions, tanhs, lowr, xh, gates, forget, d_c_from_h, c_all, w, perm = ctx.stuff
-        del ctx.stuff
-        T, B, m, n, r, x_last, h_last = ctx.shapes
-        dtype = out.dtype
-        new = dict(device=out.device, dtype=dtype)
-        d_h = d_out.clone(memory_format=torch.contiguous_format) if d_out is not None else torch.zeros(T, B, n, **new)
-        if d_ht is not None:
-            d_h[T - 1] += d_ht
-        d_c = d_ct.clone() if d_ct is not None else torch.zeros(B, n, device=out.device, dtype=c_all.dtype)
+    def backward(ctx, d_out, d_ht, d_ct):
+        saved = list(ctx.saved_tensors)
+        out, h0, mask, w_ih, w_hh, xh, gates, forget, dc_dh, x, h_ver0 = saved[:11]
+        T, B, n = out.shape
+        m = xh.shape[-1] - n
+        r = len(ctx.low_rank)
+        x_mid, h_mid = max((r + 1) // 2 - 1, 0), max(r // 2 - 1, 0)  # intermediate versions
+        rest = saved[11:]
+        x_ver = [x, *rest[:x_mid], xh[..., :m]]
+        h_ver = [h_ver0, *rest[x_mid : x_mid + h_mid], xh[..., m:]]
+        rest = rest[x_mid + h_mid :]
+        tanhs, lows = rest[:r], rest[r : 2 * r]
+        rounds = _round_plan(ctx.low_rank, rest[2 * r :])
+
+        new = dict(device=out.device, dtype=out.dtype)
+        shapes = [(T, B, n), (T, B, 4 * n), (B, m), (B, n), *(u.shape for u in tanhs)]
+        shapes += [k.shape for k in lows if k is not None] + [(4 * n, m + n), (T, B, n)]
+        shapes += [rd.matrix.shape for rd in rounds]
+        carve = _Carve(shapes, out.dtype, out.device)
+        d_h = carve(T, B, n)  # d loss / d h_t, completed step by step
+        d_h.copy_(d_out)
+        d_h[T - 1] += d_ht
+        d_gates = carve(T, B, 4 * n)  # (the forward's buffers stay intact, so retain_graph works)
+        scratch_x, scratch_h = carve(B, m), carve(B, n)
+        es = [carve(*u.shape) for u in tanhs]
+        d_lows = [None if k is None else carve(*k.shape) for k in lows]
+        w = carve(4 * n, m + n)  # [W_ih | W_hh]
+        w[:, :m].copy_(w_ih)
+        w[:, m:].copy_(w_hh)
+        h_prev = carve(T, B, n)  # the previous h of every step, unmasked (filled if needed)
+        for rd in rounds:
+            rd.prepare_backward(carve)
+        d_c = d_ct.to(ctx.c_dtype, copy=True)
+        d_c3 = d_c.unsqueeze(1)  # a view: broadcasts d c over the i, f, g gates
         d_xh = torch.empty(T, B, m + n, **new)
         d_h0 = torch.empty(B, n, **new)
-        scratch_x = torch.empty(B, m, **new)
-        scratch_h = torch.empty(B, n, **new)
-        d_lowr = [torch.empty_like(k) if k is not None else None for k in lowr]
+
+        # Per-step views, made once.
+        D_H, DC_DH, FORGET, D_XH, D_G = (a.unbind(0) for a in (d_h, dc_dh, forget, d_xh, d_gates))
+        F_3 = gates.view(T, B, 4, n)[:, :, :3].unbind(0)
+        F_O = gates[..., 3 * n :].unbind(0)
+        D_G3 = d_gates.view(T, B, 4, n)[:, :, :3].unbind(0)
+        D_GO = d_gates[..., 3 * n :].unbind(0)
+        D_X, D_HH = d_xh[..., :m].unbind(0), d_xh[..., m:].unbind(0)
+        loop_rounds = [
+            (
+                rd.odd,
+                rd.half,
+                rd.right,
+                tanhs[i].unbind(0),
+                es[i].unbind(0),
+                (x_ver if rd.odd else h_ver)[rd.version].unbind(0),
+                None if d_lows[i] is None else d_lows[i].unbind(0),
+                scratch_x if rd.odd else scratch_h,
+            )
+            for i, rd in reversed(list(enumerate(rounds)))
+        ]
+        addcmul, mul, mm = torch.addcmul, torch.mul, torch.mm
 
         for t in range(T - 1, -1, -1):
-            g = gates[t]  # elementwise factors; overwritten with the gate gradients
-            dh = d_h[t]
-            torch.mul(dh, g[:, 3 * n :], out=g[:, 3 * n :])
-            d_c.addcmul_(dh, d_c_from_h[t])
-            g3 = g[:, : 3 * n].view(B, 3, n)
-            torch.mul(d_c.unsqueeze(1), g3, out=g3)
-            d_c.mul_(forget[t])
-            dxh = d_xh[t]
-            torch.mm(g, w, out=dxh)
-            dx, dhh = dxh[:, :m], dxh[:, m:]
-            for i in range(r - 1, -1, -1):
-                odd, xv, hv = plan[i]
-                _, _, left_h, right, _ = mats[i]
-                u = tanhs[i][t]
-                if odd:
-                    dtgt, dsrc, tgt_out, scratch = dx, dhh, x_versions[xv][t], scratch_x
-                else:
-                    dtgt, dsrc, tgt_out, scratch = dhh, dx, h_versions[hv][t], scratch_h
-                torch.mul(dtgt, tgt_out, out=scratch)
-                dtgt.addcmul_(dtgt, u)  # d target_before = d target_after * (1 + u)
-                torch.addcmul(scratch, scratch, u, value=-1, out=u)  # u <- dz' = d target_after * target_after * (1 - u)
+            dh = D_H[t]
+            mul(dh, F_O[t], out=D_GO[t])
+            d_c.addcmul_(dh, DC_DH[t])
+            mul(d_c3, F_3[t], out=D_G3[t])
+            d_c.mul_(FORGET[t])  # now d c_{t-1}
+            mm(D_G[t], w, out=D_XH[t])
+            dx, dhh = D_X[t], D_HH[t]
+            for odd, half, right, U, E, NEW, D_LOW, scratch in loop_rounds:
+                u, e = U[t], E[t]
+                d_tgt, d_src = (dx, dhh) if odd else (dhh, dx)
+                mul(d_tgt, NEW[t], out=scratch)
+                d_tgt.addcmul_(d_tgt, u)  # d target before = d target after * (1 + u)
+                addcmul(scratch, scratch, u, value=-1, out=e)  # d z' = d after * after * (1 - u)
                 if right is None:
-                    dsrc.addmm_(u, left_h)
+                    d_src.addmm_(e, half)
                 else:
-                    dk = d_lowr[i][t]
-                    torch.mm(u, left_h, out=dk)
-                    dsrc.addmm_(dk, right)
+                    d_low = mm(e, half, out=D_LOW[t])
+                    d_src.addmm_(d_low, right)
             if t > 0:
                 if mask is None:
-                    d_h[t - 1].add_(dhh)
+                    D_H[t - 1].add_(dhh)
                 else:
-                    d_h[t - 1].addcmul_(dhh, mask)
+                    D_H[t - 1].addcmul_(dhh, mask)
+            elif mask is None:
+                d_h0.copy_(dhh)
             else:
-                if mask is None:
-                    d_h0.copy_(dhh)
-                else:
-                    torch.mul(dhh, mask, out=d_h0)
+                mul(dhh, mask, out=d_h0)
 
-        # Weight gradients of all steps at once.
+        # Weight gradients of all steps at once: a few matmuls over T*B rows.
         TB = T * B
-        d_gates = gates.view(TB, 4 * n)
-        d_w_int = torch.mm(d_gates.t().contiguous(), xh.reshape(TB, m + n))  # [4n, m+n], internal gate order
-        d_b_int = d_gates.sum(0)
-        inv = torch.argsort(perm)
-        d_w = d_w_int.index_select(0, inv)
-        d_w_ih, d_w_hh = d_w[:, :m], d_w[:, m:]
-        d_bias = d_b_int.index_select(0, inv)
-
-        # Sources of each round: h versions (version 0 unmasked is the previous output) and x versions.
-        if mask is None:
-            h_prev_all = torch.cat([h0.unsqueeze(0), out[:-1]], 0)
+        d_gates = d_gates.view(TB, 4 * n)
+        d_w = torch.mm(d_gates.t(), xh.view(TB, m + n))  # one matmul is faster than two on halves of xh
+        d_w_ih, d_w_hh = d_w[:, :m].contiguous(), d_w[:, m:].contiguous()
+        d_bias = d_gates.sum(0)
         round_grads = []
-        for i, (odd, xv, hv) in enumerate(plan):
-            e = tanhs[i].reshape(TB, -1)  # dz' = 2 dz  (z' = z/2)
-            if odd:
-                src = h_versions[hv][...] if (hv > 0 or mask is not None) else h_prev_all
-            else:
-                src = x_versions[xv]
+        for i, rd in enumerate(rounds):
+            e = es[i].view(TB, -1)  # d z' = 2 d z  (z' = z / 2)
+            if not rd.odd:
+                src = x_ver[rd.version]
+            elif rd.version > 1 or mask is not None:
+                src = h_ver[rd.version - 1]
+            else:  # round 1 without mask: the previous h, unmasked
+                h_prev[0].copy_(h0)
+                h_prev[1:].copy_(out[:-1])
+                src = h_prev
             src = src.reshape(TB, -1)
-            e_t = e.t().contiguous()
-            if mats[i][3] is None:
-                d_m = torch.mm(e_t, src).mul_(0.5)
-                round_grads += [d_m, e.sum(0).mul_(0.5)]
+            if rd.right is None:
+                round_grads += [torch.mm(e.t(), src).mul_(0.5), e.sum(0).mul_(0.5)]
             else:
-                left_h, right = mats[i][2], mats[i][3]
-                k = lowr[i].reshape(TB, -1)
-                d_left = torch.mm(e_t, k).mul_(0.5)
-                d_right = torch.mm(d_lowr[i].reshape(TB, -1).t().contiguous(), src)
+                d_left = torch.mm(e.t(), lows[i].view(TB, -1)).mul_(0.5)
+                d_right = torch.mm(d_lows[i].view(TB, -1).t(), src)
                 round_grads += [d_left, d_right, e.sum(0).mul_(0.5)]
-        d_x = d_xh[..., :m]
-        return (None, None, d_x, d_h0, d_c, None, d_w_ih, d_w_hh, d_bias, *round_grads)
+        return (None, None, d_xh[..., :m], d_h0, d_c, None, d_w_ih, d_w_hh, d_bias, *round_grads)
 
 
 def mogrifier_lstm(
@@ -254,11 +397,12 @@ def mogrifier_lstm(
     bias: Tensor,
     round_params: list[tuple[Tensor, ...]],
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """The Mogrifier LSTM over a sequence; same contract as `MogrifierLSTMLayer.forward_reference`.
+    """The Mogrifier LSTM over a sequence; the contract of `MogrifierLSTMLayer.forward_reference`.
 
-    round_params: per round (weight, bias) for a full-rank round or (left, right, bias) for a low-rank one.
+    round_params: per round, (weight, bias) for a full-rank round or (left, right, bias) for a low-rank one.
+    Gradients flow to x, the initial state and all parameters (not to state_mask).
     """
-    T, B, _ = x.shape
+    B = x.shape[1]
     n = weight_hh.shape[1]
     if state is None:
         h0 = c0 = x.new_zeros(B, n)
@@ -266,25 +410,23 @@ def mogrifier_lstm(
         h0, c0 = state
     low_rank = tuple(len(p) == 3 for p in round_params)
     flat = [p for ps in round_params for p in ps]
-    tensors = [x, h0, c0, weight_ih, weight_hh, bias, *flat]
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in (x, h0, c0, weight_ih, weight_hh, bias, *flat))
     if state_mask is not None:
-        tensors.append(state_mask)
-    keep = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+        state_mask = state_mask.detach()
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
-        # Matmuls and activations in the autocast dtype; the cell state stays in float32.
+        # Matmuls and activations in the autocast dtype (as nn.LSTM under autocast); the cell state in float32.
         dtype = torch.get_autocast_dtype(device_type)
-        cast = lambda t: t if t is None else t.to(dtype)  # noqa: E731
-        x, h0, state_mask, weight_ih, weight_hh, bias = map(cast, (x, h0, state_mask, weight_ih, weight_hh, bias))
-        flat = [cast(p) for p in flat]
+        x, h0, weight_ih, weight_hh, bias = (t.to(dtype) for t in (x, h0, weight_ih, weight_hh, bias))
+        flat = [p.to(dtype) for p in flat]
         c0 = c0.float()
+        if state_mask is not None:
+            state_mask = state_mask.to(dtype)
         with torch.autocast(device_type, enabled=False):
             out, h_t, c_t = _MogrifierLSTMFunction.apply(
                 low_rank, keep, x.contiguous(), h0, c0, state_mask, weight_ih, weight_hh, bias, *flat
             )
     else:
-        if state_mask is not None:
-            state_mask = state_mask.to(x.dtype)
         out, h_t, c_t = _MogrifierLSTMFunction.apply(
             low_rank, keep, x.contiguous(), h0, c0, state_mask, weight_ih, weight_hh, bias, *flat
         )

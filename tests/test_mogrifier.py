@@ -1,0 +1,305 @@
+"""The Mogrifier LSTM layer: its equations, and the fast path (mogrifier_fast.py) against the reference.
+
+`paper_step` below is the paper's equations written out with plain tensor maths on the layer's
+parameters, independent of lmcore; `forward_reference` is checked against it, and the fast path
+(`forward`, what the trainer runs) against `forward_reference`: outputs, final state and the gradients
+of every parameter, the input and the initial state.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from lmcore.models import mogrifier_fast
+from lmcore.models.mogrifier import MogrifierLSTMLayer
+
+T, B, M, N = 5, 3, 6, 4  # input size != hidden size, so that transposed shapes cannot pass by accident
+ROUNDS = range(7)
+RANKS = [None, 2]
+
+
+def make_layer(rounds, rank, dtype=torch.float64, seed=0, m=M, n=N):
+    torch.manual_seed(seed)
+    layer = MogrifierLSTMLayer(m, n, rounds, rank).to(dtype)
+    with torch.no_grad():  # larger than the default init, and non-zero round biases: every term matters
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    return layer
+
+
+def make_inputs(dtype=torch.float64, seed=1, t=T, b=B, m=M, n=N, mask=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, b, m, generator=g, dtype=dtype).requires_grad_()
+    h0 = torch.randn(b, n, generator=g, dtype=dtype).mul(0.5).requires_grad_()
+    c0 = torch.randn(b, n, generator=g, dtype=dtype).requires_grad_()
+    state_mask = (torch.rand(b, n, generator=g) > 0.3).to(dtype) / 0.7 if mask else None
+    return x, (h0, c0), state_mask
+
+
+def paper_step(layer, x, h, c):
+    """One step from the paper's equations (Melis et al. 2020, eq. 1-2), plain tensor maths."""
+    for i, rnd in enumerate(layer.mogrify_rounds, start=1):
+        mat = rnd.weight if rnd.rank is None else rnd.left @ rnd.right
+        if i % 2 == 1:  # x^i = 2 sigma(Q^i h^{i-1}) * x^{i-2}
+            x = 2 * torch.sigmoid(h @ mat.T + rnd.bias) * x
+        else:  # h^i = 2 sigma(R^i x^{i-1}) * h^{i-2}
+            h = 2 * torch.sigmoid(x @ mat.T + rnd.bias) * h
+    n = layer.hidden_size
+    z = x @ layer.weight_ih.T + h @ layer.weight_hh.T + layer.bias
+    i, f, g, o = z[:, :n], z[:, n : 2 * n], z[:, 2 * n : 3 * n], z[:, 3 * n :]
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def paper_forward(layer, x, state, state_mask):
+    h, c = state
+    outputs = []
+    for x_t in x:
+        h, c = paper_step(layer, x_t, h if state_mask is None else h * state_mask, c)
+        outputs.append(h)
+    return torch.stack(outputs), (h, c)
+
+
+def loss_of(out, h, c):
+    """A loss that weighs every output, the final h and the final c differently."""
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    return (out * w).sum() + (h * h).sum() + (c.sin()).sum()
+
+
+def grads(layer, fn, x, state, state_mask):
+    out, (h, c) = fn(x, state, state_mask)
+    inputs = [x, *state, *layer.parameters()]
+    return [out, h, c, *torch.autograd.grad(loss_of(out, h, c), inputs)]
+
+
+@pytest.mark.parametrize("rounds,rank,mask", list(itertools.product(ROUNDS, RANKS, [False, True])))
+def test_reference_follows_the_paper_equations(rounds, rank, mask):
+    layer = make_layer(rounds, rank)
+    x, state, state_mask = make_inputs(mask=mask)
+    out, (h, c) = layer.forward_reference(x, state, state_mask)
+    out_p, (h_p, c_p) = paper_forward(layer, x, state, state_mask)
+    torch.testing.assert_close(out, out_p)
+    torch.testing.assert_close(h, h_p)
+    torch.testing.assert_close(c, c_p)
+
+
+@pytest.mark.parametrize("rounds,rank,mask", list(itertools.product(ROUNDS, RANKS, [False, True])))
+def test_fast_path_equals_reference_forward_and_gradients_float32(rounds, rank, mask):
+    layer = make_layer(rounds, rank, torch.float32)
+    x, state, state_mask = make_inputs(torch.float32, mask=mask)
+    fast = grads(layer, layer.forward, x, state, state_mask)
+    ref = grads(layer, layer.forward_reference, x, state, state_mask)
+    names = ["out", "h_T", "c_T", "d x", "d h0", "d c0", *(f"d {n}" for n, _ in layer.named_parameters())]
+    assert len(fast) == len(names)
+    for name, a, b in zip(names, fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("rounds,rank,mask", list(itertools.product(ROUNDS, RANKS, [False, True])))
+def test_fast_path_gradcheck_float64(rounds, rank, mask):
+    layer = make_layer(rounds, rank, m=3, n=2)
+    x, (h0, c0), state_mask = make_inputs(t=3, b=2, m=3, n=2, mask=mask)
+
+    def fn(x, h0, c0, *params):  # the parameters are perturbed in place by gradcheck
+        out, (h, c) = layer.forward_fast(x, (h0, c0), state_mask)
+        return out, h, c
+
+    slow = rounds in (0, 5) and rank is None  # the full Jacobian on two cases, fast mode on the rest
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, *layer.parameters()), fast_mode=not slow)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_zero_rounds_is_exactly_torch_lstm(fast):
+    layer = make_layer(0, None, torch.float32)
+    layer.fast_path = fast
+    lstm = nn.LSTM(M, N)
+    with torch.no_grad():
+        lstm.weight_ih_l0.copy_(layer.weight_ih)
+        lstm.weight_hh_l0.copy_(layer.weight_hh)
+        lstm.bias_ih_l0.copy_(layer.bias)
+        lstm.bias_hh_l0.zero_()
+    x, (h0, c0), _ = make_inputs(torch.float32)
+    out, (h, c) = layer(x, (h0, c0))
+    out_l, (h_l, c_l) = lstm(x, (h0[None], c0[None]))
+    torch.testing.assert_close(out, out_l)
+    torch.testing.assert_close(h, h_l[0])
+    torch.testing.assert_close(c, c_l[0])
+    g = torch.autograd.grad(out.sum(), [x, layer.weight_ih, layer.weight_hh])
+    g_l = torch.autograd.grad(out_l.sum(), [x, lstm.weight_ih_l0, lstm.weight_hh_l0])
+    for a, b in zip(g, g_l):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("rounds,rank", list(itertools.product(ROUNDS, [None, 3])))
+def test_shapes_and_parameter_count(rounds, rank):
+    m, n = 7, 5
+    layer = MogrifierLSTMLayer(m, n, rounds, rank)
+    shapes = dict((name, tuple(p.shape)) for name, p in layer.named_parameters())
+    assert shapes.pop("weight_ih") == (4 * n, m)
+    assert shapes.pop("weight_hh") == (4 * n, n)
+    assert shapes.pop("bias") == (4 * n,)
+    for i in range(1, rounds + 1):  # odd rounds: Q^i [m, n]; even rounds: R^i [n, m]
+        out_size, in_size = (m, n) if i % 2 == 1 else (n, m)
+        prefix = f"mogrify_rounds.{i - 1}."
+        if rank is None:
+            assert shapes.pop(prefix + "weight") == (out_size, in_size)
+        else:
+            assert shapes.pop(prefix + "left") == (out_size, rank)
+            assert shapes.pop(prefix + "right") == (rank, in_size)
+        assert shapes.pop(prefix + "bias") == (out_size,)
+    assert not shapes
+    matrix = m * n if rank is None else rank * (m + n)
+    per_round = [matrix + (m if i % 2 == 1 else n) for i in range(1, rounds + 1)]
+    assert sum(p.numel() for p in layer.parameters()) == 4 * n * (m + n) + 4 * n + sum(per_round)
+
+
+@pytest.mark.parametrize("rank", RANKS)
+def test_gradient_reaches_every_parameter(rank):
+    layer = make_layer(6, rank, torch.float32)
+    x, state, state_mask = make_inputs(torch.float32, mask=True)
+    out, (h, c) = layer(x, state, state_mask)
+    loss_of(out, h, c).backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert x.grad.abs().sum() > 0 and state[0].grad.abs().sum() > 0 and state[1].grad.abs().sum() > 0
+
+
+def test_default_forward_is_the_fast_path(monkeypatch):
+    layer = make_layer(5, None, torch.float32)
+    x, state, state_mask = make_inputs(torch.float32, mask=True)
+    out, _ = layer(x, state, state_mask)
+    # one autograd node for the whole sequence, not the reference's per-step graph
+    assert type(out.grad_fn).__name__ == "_MogrifierLSTMFunctionBackward"
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("forward_reference called")
+
+    monkeypatch.setattr(MogrifierLSTMLayer, "forward_reference", no_reference)
+    layer(x, state, state_mask)[0].sum().backward()  # training
+    layer.eval()
+    with torch.no_grad():
+        layer(x, state)  # evaluation
+    monkeypatch.undo()
+
+    layer.fast_path = False  # the per-instance escape hatch
+    assert type(layer(x, state, state_mask)[0].grad_fn).__name__ == "StackBackward0"
+    del layer.fast_path
+    monkeypatch.setattr(MogrifierLSTMLayer, "fast_path", False)  # and the class-wide one
+    assert type(layer(x, state, state_mask)[0].grad_fn).__name__ == "StackBackward0"
+
+
+def test_no_grad_and_eval_give_the_same_outputs():
+    layer = make_layer(5, 2, torch.float32)
+    x, state, state_mask = make_inputs(torch.float32, mask=True)
+    out, (h, c) = layer(x, state, state_mask)
+    with torch.no_grad():
+        out2, (h2, c2) = layer(x, state, state_mask)
+        out_r, _ = layer.forward_reference(x, state, state_mask)
+    assert out2.grad_fn is None
+    torch.testing.assert_close(out2, out.detach())
+    torch.testing.assert_close(h2, h.detach())
+    torch.testing.assert_close(c2, c.detach())
+    torch.testing.assert_close(out2, out_r, rtol=1e-4, atol=1e-5)
+    out3, _ = layer(x.detach(), None)  # no input requires grad, but the parameters do
+    assert out3.requires_grad
+
+
+def test_retain_graph_and_overlapping_graphs_give_the_same_gradients():
+    """The backward must not destroy what a second backward needs, and buffers reused across calls
+    (the CPU workspace) must not be shared by graphs that are alive at the same time."""
+    layer = make_layer(5, None, torch.float32)
+    params = list(layer.parameters())
+    x, state, state_mask = make_inputs(torch.float32, mask=True)
+    x2, state2, _ = make_inputs(torch.float32, seed=7, t=T + 2)
+    ref1 = torch.autograd.grad(loss_of(*flat(layer.forward_reference(x, state, state_mask))), params)
+    ref2 = torch.autograd.grad(loss_of(*flat(layer.forward_reference(x2, state2, None))), params)
+    loss1 = loss_of(*flat(layer(x, state, state_mask)))
+    loss2 = loss_of(*flat(layer(x2, state2, None)))  # both graphs alive
+    for _ in range(2):
+        g2 = torch.autograd.grad(loss2, params, retain_graph=True)
+        g1 = torch.autograd.grad(loss1, params, retain_graph=True)
+        for a, b in zip(g1 + g2, ref1 + ref2):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    del loss1, loss2
+    for t in (T + 2, T - 2, 1):  # new graphs of other lengths, after the first ones were freed
+        xs, st, mk = (x2[:t], state2, None) if t > T else (x[:t], state, state_mask)
+        got = torch.autograd.grad(loss_of(*flat(layer(xs, st, mk))), params)
+        want = torch.autograd.grad(loss_of(*flat(layer.forward_reference(xs, st, mk))), params)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def flat(result):
+    out, (h, c) = result
+    return out, h, c
+
+
+def test_state_mask_with_gradient_falls_back_to_the_reference():
+    layer = make_layer(3, None, torch.float32)
+    x, state, state_mask = make_inputs(torch.float32, mask=True)
+    state_mask.requires_grad_()
+    out, _ = layer(x, state, state_mask)
+    out.sum().backward()
+    assert state_mask.grad is not None
+
+
+def test_non_contiguous_input_and_no_initial_state():
+    layer = make_layer(4, None, torch.float32)
+    x = torch.randn(B, T, M).transpose(0, 1).requires_grad_()
+    fast = grads_no_state(layer, layer.forward, x)
+    ref = grads_no_state(layer, layer.forward_reference, x)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def grads_no_state(layer, fn, x):
+    out, (h, c) = fn(x)
+    return [out, h, c, *torch.autograd.grad(loss_of(out, h, c), [x, *layer.parameters()])]
+
+
+def test_bf16_autocast_on_cpu_runs_close_to_the_reference():
+    layer = make_layer(5, None, torch.float32)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.mul_(0.5)
+    x, state, state_mask = make_inputs(torch.float32, mask=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = layer(x, state, state_mask)
+        out_r, (h_r, c_r) = layer.forward_reference(x, state, state_mask)
+    assert out.dtype == torch.bfloat16 and c.dtype == torch.float32  # the cell state stays in float32
+    torch.testing.assert_close(out.float(), out_r.float(), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(c, c_r.float(), rtol=0.05, atol=0.05)
+    g = torch.autograd.grad(out.float().sum(), [x, layer.weight_hh])
+    g_r = torch.autograd.grad(out_r.float().sum(), [x, layer.weight_hh])
+    assert all(a.dtype == torch.float32 for a in g)
+    for a, b in zip(g, g_r):
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.1)
+
+
+def test_release_workspace():
+    layer = make_layer(2, None, torch.float32)
+    x, state, _ = make_inputs(torch.float32)
+    layer(x, state)[0].sum().backward()
+    mogrifier_fast.release_workspace()
+    layer(x, state)[0].sum().backward()  # and it still works afterwards
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("rounds,rank,mask", [(5, None, True), (4, 2, False), (0, None, True)])
+def test_cuda_fast_path_equals_reference(rounds, rank, mask):
+    layer = make_layer(rounds, rank, torch.float32).cuda()
+    x, state, state_mask = make_inputs(torch.float32, mask=mask)
+    x, state = x.detach().cuda().requires_grad_(), tuple(s.detach().cuda().requires_grad_() for s in state)
+    state_mask = None if state_mask is None else state_mask.cuda()
+    fast = grads(layer, layer.forward, x, state, state_mask)
+    ref = grads(layer, layer.forward_reference, x, state, state_mask)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # TF32 may be on
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, (h, c) = layer(x, state, state_mask)
+        out_r, _ = layer.forward_reference(x, state, state_mask)
+    torch.testing.assert_close(out.float(), out_r.float(), rtol=0.05, atol=0.05)
+    out.float().sum().backward()
