@@ -9,7 +9,7 @@ from .checkpoint import Loaded, load_checkpoint
 from .config import Config, make_config
 from .data import Corpus, DataError, Vocab, load_corpus
 from .models import build_model
-from .train import evaluate, train
+from .train import evaluate, evaluate_checkpoint, train
 
-__all__ = ["Config", "Corpus", "DataError", "Loaded", "Vocab", "build_model", "evaluate", "load_checkpoint",
+__all__ = ["Config", "Corpus", "DataError", "Loaded", "Vocab", "build_model", "evaluate", "evaluate_checkpoint", "load_checkpoint",
            "load_corpus", "make_config", "train"]

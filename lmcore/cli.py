@@ -20,10 +20,9 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .checkpoint import load_checkpoint
 from .config import Config, describe_error, field_names, flatten, make_config, parse_override, parse_value
-from .data import DataError, load_corpus
-from .train import evaluate, resolve_device, train
+from .data import DataError
+from .train import evaluate_checkpoint, train
 
 log = logging.getLogger("lmcore")
 
@@ -126,7 +125,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def run_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     run_dir = Path(args.runs_dir) / args.run_name
-    last, best = run_dir / "last.pt", run_dir / "best.pt"
+    last = run_dir / "last.pt"
     if run_dir.exists() and not (args.resume or args.overwrite):
         raise UsageError(f"{run_dir} already exists: pass --resume to continue it, --overwrite to replace it, "
                          f"or choose another --run-name")
@@ -165,27 +164,20 @@ def train_and_evaluate(args: argparse.Namespace, config: Config, run_dir: Path) 
     log.info("training %s after %d epochs: best valid ppl %.2f", summary["status"], summary["epochs"],
              summary["best_valid_ppl"])
     if best.is_file():
-        final = evaluate_checkpoint(best, ["valid", "test"], args.test_batch_size, None, config.train.device)
+        final = print_evaluation(best, ["valid", "test"], args.test_batch_size, None, config.train.device)
         (run_dir / "final.json").write_text(json.dumps(final | {"status": summary["status"]}, indent=2))
     return 0
 
 
-def evaluate_checkpoint(path: Path, splits: list[str], batch_size: int | None, data_dir: str | None,
-                        device: str) -> dict[str, Any]:
-    """The final evaluation: perplexity of a checkpoint on the asked splits (test only when asked)."""
-    model, vocab, config = load_checkpoint(path, resolve_device(device))
-    corpus = load_corpus(config.data.name, data_dir or config.data.dir)
-    if corpus.vocab.itos != vocab.itos:
-        raise UsageError(f"{path}: the checkpoint's vocabulary does not match {config.data.name}'s")
+def print_evaluation(path: Path, splits: list[str], batch_size: int | None, data_dir: str | None,
+                     device: str) -> dict[str, Any]:
+    """Evaluate a checkpoint on `splits` and print a small table; returns what was printed."""
+    scores, config = evaluate_checkpoint(path, tuple(splits), batch_size=batch_size, data_dir=data_dir, device=device)
     batch_size = batch_size or config.data.eval_batch_size
-    results: dict[str, Any] = {"checkpoint": str(path), "batch_size": batch_size}
     print(f"{'split':<8}{'loss':>10}{'ppl':>12}{'tokens':>12}   ({path}, batch size {batch_size})")
-    for split in splits:
-        r = evaluate(model, getattr(corpus, split), eos_id=vocab.eos_id, batch_size=batch_size,
-                     bptt=config.data.bptt, amp=config.train.amp)
-        results[split] = r
+    for split, r in scores.items():
         print(f"{split:<8}{r['loss']:>10.4f}{r['ppl']:>12.2f}{r['tokens']:>12,}")
-    return results
+    return {"checkpoint": str(path), "batch_size": batch_size, **scores}
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -194,7 +186,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint) if args.checkpoint else Path(args.runs_dir) / args.run_name / "best.pt"
     if not path.is_file():
         raise UsageError(f"{path}: no such checkpoint")
-    evaluate_checkpoint(path, args.splits, args.batch_size, args.data_dir, args.device)
+    print_evaluation(path, args.splits, args.batch_size, args.data_dir, args.device)
     return 0
 
 

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from .batching import batchify, bptt_windows, eval_batches
-from .checkpoint import FORMAT, read_file
+from .checkpoint import FORMAT, load_checkpoint, read_file
 from .config import Config, make_config
-from .data import Corpus, load_corpus, save_atomically
+from .data import Corpus, DataError, load_corpus, save_atomically
 from .models import LanguageModel, build_model, detach_state
 
 log = logging.getLogger("lmcore")
@@ -70,6 +70,20 @@ def evaluate(model: LanguageModel, tokens: Tensor, *, eos_id: int, batch_size: i
     model.train(was_training)
     loss = total.item() / count
     return {"loss": loss, "ppl": safe_exp(loss), "tokens": count}
+
+
+def evaluate_checkpoint(path: str | Path, splits: tuple[str, ...] = ("valid", "test"), *,
+                        batch_size: int | None = None, data_dir: str | None = None,
+                        device: str = "auto") -> tuple[dict[str, dict[str, float]], Config]:
+    """The final evaluation: a checkpoint's loss and perplexity on the asked splits (test only when asked),
+    with the run's own data, bptt and (by default) evaluation batch size. Returns ({split: result}, config)."""
+    model, vocab, config = load_checkpoint(path, resolve_device(device))
+    corpus = load_corpus(config.data.name, data_dir or config.data.dir)
+    if corpus.vocab != vocab:
+        raise DataError(f"{path}: the checkpoint's vocabulary does not match {config.data.name}'s")
+    scoring = dict(eos_id=vocab.eos_id, batch_size=batch_size or config.data.eval_batch_size,
+                   bptt=config.data.bptt, amp=config.train.amp)
+    return {split: evaluate(model, getattr(corpus, split), **scoring) for split in splits}, config
 
 
 def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:

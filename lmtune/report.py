@@ -20,9 +20,9 @@ import yaml
 
 from lmtune.results import SUMMARY_FILE, Results, compare_frame, load_results
 from lmtune.tables import markdown, write_table
+from lmtune.trainable import CHECKPOINT_FILE
 
 FINAL_EVAL_FILE = "final_eval.json"
-CHECKPOINT_FILE = "model.pt"  # as written by lmtune.trainable
 FAMILY_COLUMNS = ["family", "trial_id", "params", "best_valid_ppl", "valid_ppl", "test_ppl", "trials", "compute_h"]
 COMPARE_COLUMNS = ["experiment", "dataset", *FAMILY_COLUMNS]
 
@@ -67,16 +67,10 @@ def final_evaluation(results: Results, trial_ids: list[str]) -> dict[str, dict[s
 
 
 def evaluate_checkpoint(path: Path) -> dict[str, Any]:
-    import torch
-
     import lmcore
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, vocab, config = lmcore.load_checkpoint(path, device=device)
-    corpus = lmcore.load_corpus(config.data.name, config.data.dir)
-    scoring = dict(eos_id=vocab.eos_id, batch_size=config.data.eval_batch_size, bptt=config.data.bptt, device=device)
-    valid = lmcore.evaluate(model, corpus.valid, **scoring)
-    test = lmcore.evaluate(model, corpus.test, **scoring)  # the only use of the test split
+    scores, config = lmcore.evaluate_checkpoint(path, ("valid", "test"))  # the only use of the test split
+    valid, test = scores["valid"], scores["test"]
     return {
         "valid_ppl": valid["ppl"], "valid_loss": valid["loss"], "test_ppl": test["ppl"], "test_loss": test["loss"],
         "test_tokens": test["tokens"], "config": config.flat(),

@@ -2,7 +2,6 @@
 batch column), reused at every time step, and scaled by 1/(1-p) so that evaluation needs no rescaling."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 
