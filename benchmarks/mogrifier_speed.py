@@ -8,6 +8,8 @@ Implementations, each timed on the same input (one sequence [T, B, input], rando
 loss = sum of the outputs, parameter gradients cleared between iterations):
 
 * ours         `lmcore.models.MogrifierLSTMLayer` as the trainer uses it (the fast path).
+* ours (py)    the same, with the C++ per-step loops (lmcore/models/mogrifier_cpu.cpp) switched off: the
+               Python loops of the fast path (what runs where the extension cannot be built).
 * reference    the same layer's `forward_reference`: the straightforward per-step, per-round loop.
 * peer         the PyPI `mogrifier` package (0.0.5, `pip install mogrifier==0.0.5`) used as its README
                says: `Mogrifier(dim, iters=rounds, dim_hidden, factorize_k=rank)` on (x_t, h) before
@@ -41,7 +43,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lmcore.models import mogrifier_fast  # noqa: E402
+from lmcore.models import mogrifier_cpu, mogrifier_fast  # noqa: E402
 from lmcore.models.mogrifier import MogrifierLSTMLayer  # noqa: E402
 
 try:
@@ -102,10 +104,20 @@ class PeerLayer(nn.Module):
 
 def build(impl: str, shape: Shape, device: str):
     n = shape.hidden
-    if impl in ("ours", "reference"):
+    if impl in ("ours", "ours (py)"):
+        if impl == "ours (py)" and (device != "cpu" or not CPP_LOOPS):
+            return None  # the same as "ours" there
         layer = MogrifierLSTMLayer(n, n, shape.rounds, shape.rank).to(device)
-        run = layer.forward if impl == "ours" else layer.forward_reference
-        return layer, lambda x, h, c: run(x, (h, c))[0].sum()
+        cpp = impl == "ours"
+
+        def step(x, h, c):
+            mogrifier_cpu.enabled = cpp  # (read again by the backward, which runs right after)
+            return layer(x, (h, c))[0].sum()
+
+        return layer, step
+    if impl == "reference":
+        layer = MogrifierLSTMLayer(n, n, shape.rounds, shape.rank).to(device)
+        return layer, lambda x, h, c: layer.forward_reference(x, (h, c))[0].sum()
     if impl == "peer":
         if Mogrifier is None or shape.rounds < 2:
             return None
@@ -117,7 +129,8 @@ def build(impl: str, shape: Shape, device: str):
     raise ValueError(impl)
 
 
-IMPLS = ["ours", "reference", "peer", "nn.LSTM"]
+IMPLS = ["ours", "ours (py)", "reference", "peer", "nn.LSTM"]
+CPP_LOOPS = False  # whether the C++ loops are available (set by main)
 
 # ----------------------------------------------------------------------------------------------------
 # Measuring
@@ -213,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# torch {torch.__version__}, {args.device} ({where}), {torch.get_num_threads()} threads, "
           f"python {platform.python_version()}, amp={'bf16' if args.amp else 'off'}, "
           f"peer: {'mogrifier 0.0.5' if Mogrifier else 'not installed (pip install mogrifier==0.0.5)'}")
+    if args.device == "cpu":
+        t0 = time.perf_counter()
+        ext = mogrifier_cpu.extension()  # compiled here on first use (cached in torch's extensions dir)
+        global CPP_LOOPS
+        CPP_LOOPS = ext is not None
+        print(f"# ours: C++ per-step loops {'loaded' if ext else 'UNAVAILABLE (Python loops)'} "
+              f"in {time.perf_counter() - t0:.1f} s")
     command = " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# command: python benchmarks/mogrifier_speed.py {command}".rstrip())
     print(f"# load average at start: {load()}")

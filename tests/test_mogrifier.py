@@ -8,12 +8,13 @@ of every parameter, the input and the initial state.
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from lmcore.models import mogrifier_fast
+from lmcore.models import mogrifier_cpu, mogrifier_fast
 from lmcore.models.mogrifier import MogrifierLSTMLayer
 
 T, B, M, N = 5, 3, 6, 4  # input size != hidden size, so that transposed shapes cannot pass by accident
@@ -86,8 +87,13 @@ def test_reference_follows_the_paper_equations(rounds, rank, mask):
     torch.testing.assert_close(c, c_p)
 
 
+@pytest.mark.parametrize("loops", ["cpp", "python"])
 @pytest.mark.parametrize("rounds,rank,mask", list(itertools.product(ROUNDS, RANKS, [False, True])))
-def test_fast_path_equals_reference_forward_and_gradients_float32(rounds, rank, mask):
+def test_fast_path_equals_reference_forward_and_gradients_float32(monkeypatch, rounds, rank, mask, loops):
+    """On the CPU in float32 the fast path runs its per-step loops in C++ where it can, else in Python."""
+    if loops == "cpp" and mogrifier_cpu.extension() is None:
+        pytest.skip(f"C++ loops unavailable ({mogrifier_cpu.unsupported_reason()})")
+    monkeypatch.setattr(mogrifier_cpu, "enabled", loops == "cpp")
     layer = make_layer(rounds, rank, torch.float32)
     x, state, state_mask = make_inputs(torch.float32, mask=mask)
     fast = grads(layer, layer.forward, x, state, state_mask)
@@ -285,6 +291,111 @@ def test_release_workspace():
     layer(x, state)[0].sum().backward()
     mogrifier_fast.release_workspace()
     layer(x, state)[0].sum().backward()  # and it still works afterwards
+
+
+class _CountingExtension:
+    """Wraps the C++ extension (or nothing) and counts the loops it runs."""
+
+    def __init__(self, ext):
+        self.ext, self.calls = ext, []
+
+    def __getattr__(self, name):
+        return getattr(self.ext, name)
+
+    def forward_loop(self, *args):
+        self.calls.append("forward")
+        return self.ext.forward_loop(*args)
+
+    def backward_loop(self, *args):
+        self.calls.append("backward")
+        return self.ext.backward_loop(*args)
+
+
+CPP = mogrifier_cpu.extension()  # built here on first use (cached in torch's extensions directory)
+needs_cpp = pytest.mark.skipif(CPP is None, reason=f"C++ loops unavailable ({mogrifier_cpu.unsupported_reason()})")
+
+
+@needs_cpp
+def test_cpu_float32_runs_the_cpp_loops_by_default(monkeypatch):
+    spy = _CountingExtension(CPP)
+    monkeypatch.setattr(mogrifier_cpu, "extension", lambda: spy)
+    layer = make_layer(5, None, torch.float32)
+    x, state, state_mask = make_inputs(torch.float32, mask=True)
+    grads(layer, layer.forward, x, state, state_mask)
+    assert spy.calls == ["forward", "backward"]
+    layer64 = make_layer(5, None, torch.float64)
+    grads(layer64, layer64.forward, *make_inputs(torch.float64, mask=True))
+    assert spy.calls == ["forward", "backward"]  # unchanged: float64 (gradcheck) takes the Python loops
+
+
+@needs_cpp
+@pytest.mark.parametrize("rounds,rank,mask", [(5, None, True), (5, None, False), (4, 3, True), (1, 3, False), (0, None, True)])
+def test_cpp_loops_vectorised_and_batch_chunked_equal_the_reference(monkeypatch, rounds, rank, mask):
+    # Sizes that take every code path: 20 and 12 features = two and one 8-wide vectors plus a scalar tail;
+    # 19 rows over two threads = chunks of 9 and 10 rows, each running its own recurrence.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert CPP.chunk_count(19) == 2 and CPP.chunk_count(15) == 1
+        layer = make_layer(rounds, rank, torch.float32, m=12, n=20)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.mul_(0.6)  # (smaller weights: float32 errors are not amplified over the steps)
+        x, state, state_mask = make_inputs(torch.float32, t=6, b=19, m=12, n=20, mask=mask)
+        fast = grads(layer, layer.forward, x, state, state_mask)
+        ref = grads(layer, layer.forward_reference, x, state, state_mask)
+    finally:
+        torch.set_num_threads(threads)
+    names = ["out", "h_T", "c_T", "d x", "d h0", "d c0", *(f"d {n}" for n, _ in layer.named_parameters())]
+    for name, a, b in zip(names, fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+@needs_cpp
+def test_cpp_tanh_is_accurate_to_float_precision_and_keeps_nan():
+    z = torch.cat([torch.linspace(-20, 20, 400_003), torch.tensor([0.0, -0.0, 1e-30, -3e-4, 5e-4, 1e30, -1e30])])
+    z = torch.cat([z, torch.tensor([float("inf"), float("-inf"), float("nan")])])
+    got = z.clone()
+    CPP.tanh_(got)
+    want = torch.tanh(z.double())
+    err = (got.double() - want).abs()[:-1]
+    assert err.max().item() < 3e-7  # a few float32 ulp (torch.tanh: 0.5); a float32 product rounds more
+    rel = err / want[:-1].abs().clamp_min(1e-30)
+    assert rel[z[:-1].abs() < 1].max().item() < 5e-7  # also relative: tiny inputs keep their digits
+    assert torch.isnan(got[-1])
+
+
+def test_disabled_cpp_loops_fall_back_to_the_python_loops(monkeypatch):
+    monkeypatch.setattr(mogrifier_cpu, "enabled", False)
+    assert mogrifier_cpu.extension() is None
+    layer = make_layer(3, 2, torch.float32)
+    x, state, state_mask = make_inputs(torch.float32, mask=True)
+    fast = grads(layer, layer.forward, x, state, state_mask)
+    ref = grads(layer, layer.forward_reference, x, state, state_mask)
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_failed_cpp_build_warns_once_and_falls_back(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(mogrifier_cpu, "_module", None)
+    monkeypatch.setattr(mogrifier_cpu, "_failed", False)
+    monkeypatch.setattr(mogrifier_cpu, "enabled", True)
+    monkeypatch.setattr(cpp_extension, "load", broken_load)
+    layer = make_layer(2, None, torch.float32)
+    x, state, _ = make_inputs(torch.float32)
+    with pytest.warns(RuntimeWarning, match="Python fast path"):
+        out, _ = layer(x, state)
+    out.sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only one warning
+        layer(x, state)[0].sum().backward()
+    out_r, _ = layer.forward_reference(x, state)
+    torch.testing.assert_close(out, out_r, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -17,6 +17,12 @@ step-by-step autograd version, `forward_reference`, is what this is tested again
   (a transposed view is 2-3x slower on the CPU); the mogrifier writes its final x and h straight into
   the two halves of that matmul's input. The elementwise factors of the gate backward are computed for
   all steps at once after the forward loop, so the per-step gate backward is four elementwise ops.
+* On the CPU in float32 the two per-step loops run in C++ (mogrifier_cpu.cpp, compiled at first use by
+  mogrifier_cpu.py) on the same buffers: raw row pointers instead of tensor ops, MKL's packed GEMM
+  against weights packed once per call, fused elementwise passes, and one chunk of batch rows per
+  thread. Where the extension cannot be used (another OS/CPU/build, no compiler: see mogrifier_cpu.py),
+  or it is disabled (LMCORE_MOGRIFIER_CPP=0), the Python loops below run; they are the readable version
+  of what the C++ does, and what runs on CUDA, in float64 and under autocast.
 * On the CPU the big buffers come from a workspace that is reused across calls (fresh memory of that
   size costs page faults on every call).
 
@@ -24,9 +30,9 @@ Works on any device and dtype (float64 for gradcheck). Under autocast the matmul
 the autocast dtype, the cell state in float32. The backward is not itself differentiable (no double
 backward); a state_mask that requires grad makes `MogrifierLSTMLayer.forward` use the reference.
 
-Where the time goes (2-core CPU, B=32, n=256, 5 rounds; docs/benchmarks.md): ~40% in the per-step matrix
-products, which are sequential and too small for a second core to help much; ~30% in the ~37 small
-elementwise ops per step; ~20% in the weight-gradient products; the rest in per-call setup.
+Where the time goes (2-core CPU, B=32, n=256, 5 rounds, C++ loops, 45 ms per forward + backward): ~60% in
+the two loops over time (mostly their small products), ~23% in the weight-gradient products, the rest in
+per-call setup (buffers, packing, the gate-backward factors).
 """
 from __future__ import annotations
 
@@ -138,6 +144,16 @@ def _round_plan(low_rank: tuple[bool, ...], params: tuple[Tensor, ...] | list[Te
     return rounds
 
 
+def _cpp_loops(x: Tensor, c: Tensor):
+    """The C++ loops (mogrifier_cpu.cpp) where they apply: CPU, float32, the cell state float32 too, and the
+    extension enabled and built; else None (the Python loops run)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or c.dtype != torch.float32:
+        return None
+    from . import mogrifier_cpu
+
+    return mogrifier_cpu.extension()
+
+
 class _MogrifierLSTMFunction(torch.autograd.Function):
     """The whole sequence as one autograd node.
 
@@ -164,7 +180,8 @@ class _MogrifierLSTMFunction(torch.autograd.Function):
         shapes += [(steps, B, n)] * (mask is not None and h_last > 0)
         shapes += [(steps, B, m if rd.odd else n) for rd in rounds]
         shapes += [(steps, B, rd.right.shape[0]) for rd in rounds if rd.right is not None]
-        shapes += [(m + n, 4 * n)] + [shape for rd in rounds for shape in rd.forward_shapes()]
+        cpp = _cpp_loops(x, c0)  # the C++ loops take the weights as they are (they pack them)
+        shapes += [(m + n, 4 * n)] + [shape for rd in rounds for shape in rd.forward_shapes() if cpp is None]
         carve = _Carve(shapes, x.dtype, x.device) if keep else (lambda *shape: torch.empty(shape, **new))
         c_all = carve(T + 1, B, n) if pooled_c else torch.empty(T + 1, B, n, device=x.device, dtype=c0.dtype)
         c_all[0] = c0
@@ -184,66 +201,80 @@ class _MogrifierLSTMFunction(torch.autograd.Function):
             rd.tanh = carve(steps, B, m if rd.odd else n)
         for rd in rounds:
             rd.low = None if rd.right is None else carve(steps, B, rd.right.shape[0])
-        w_t = carve(m + n, 4 * n)  # [W_ih | W_hh]^T, contiguous: gates = [x | h] @ w_t + bias
-        w_t[:m].copy_(w_ih.t())
-        w_t[m:].copy_(w_hh.t())
-        for rd in rounds:
-            rd.prepare_forward(carve)
-
-        # Per-step views, made once.
-        X, OUT, C, XH, G, TC = (a.unbind(0) for a in (x, out, c_all, xh, gates, tanh_c))
-        H_PREV = (h0, *OUT[:-1])
-        G_IF = gates[..., : 2 * n].unbind(0)
-        G_I, G_F, G_G, G_O = (gates.view(steps, B, 4, n)[:, :, k].unbind(0) for k in range(4))
-        H_MASKED = None if mask is None else h_ver[0].unbind(0)
-        XH_X, XH_H = xh[..., :m].unbind(0), xh[..., m:].unbind(0)
-        loop_rounds = [
-            (
-                rd.odd,
-                rd.bias_half,
-                rd.half_t,
-                rd.right_t,
-                rd.tanh.unbind(0),
-                (x_ver if rd.odd else h_ver)[rd.version].unbind(0),
-                None if rd.low is None else rd.low.unbind(0),
-            )
-            for rd in rounds
-        ]
         copy_x, copy_h = x_last == 0 and not keep, h_last == 0 and mask is None
-        addmm, addcmul, mul, mm, tanh = torch.addmm, torch.addcmul, torch.mul, torch.mm, torch.tanh
+        ctx.cpp = cpp is not None
+        if cpp is not None:  # the same loop in C++ (mogrifier_cpu.cpp)
+            w = carve(4 * n, m + n)  # [W_ih | W_hh]
+            w[:, :m].copy_(w_ih)
+            w[:, m:].copy_(w_hh)
+            empty = x.new_empty(0)
+            opt = lambda t: empty if t is None else t  # noqa: E731
+            cpp.forward_loop(
+                x, h0, c_all, out, xh, gates, tanh_c, w, bias, opt(mask), opt(h_ver[0] if mask is not None else None),
+                [rd.odd for rd in rounds], [rd.matrix for rd in rounds], [opt(rd.right) for rd in rounds],
+                [rd.bias for rd in rounds], [rd.tanh for rd in rounds],
+                [(x_ver if rd.odd else h_ver)[rd.version] for rd in rounds], [opt(rd.low) for rd in rounds],
+                keep, copy_x, copy_h,
+            )  # fmt: skip
+        else:  # the Python loop
+            w_t = carve(m + n, 4 * n)  # [W_ih | W_hh]^T, contiguous: gates = [x | h] @ w_t + bias
+            w_t[:m].copy_(w_ih.t())
+            w_t[m:].copy_(w_hh.t())
+            for rd in rounds:
+                rd.prepare_forward(carve)
+            # Per-step views, made once.
+            X, OUT, C, XH, G, TC = (a.unbind(0) for a in (x, out, c_all, xh, gates, tanh_c))
+            H_PREV = (h0, *OUT[:-1])
+            G_IF = gates[..., : 2 * n].unbind(0)
+            G_I, G_F, G_G, G_O = (gates.view(steps, B, 4, n)[:, :, k].unbind(0) for k in range(4))
+            H_MASKED = None if mask is None else h_ver[0].unbind(0)
+            XH_X, XH_H = xh[..., :m].unbind(0), xh[..., m:].unbind(0)
+            loop_rounds = [
+                (
+                    rd.odd,
+                    rd.bias_half,
+                    rd.half_t,
+                    rd.right_t,
+                    rd.tanh.unbind(0),
+                    (x_ver if rd.odd else h_ver)[rd.version].unbind(0),
+                    None if rd.low is None else rd.low.unbind(0),
+                )
+                for rd in rounds
+            ]
+            addmm, addcmul, mul, mm, tanh = torch.addmm, torch.addcmul, torch.mul, torch.mm, torch.tanh
 
-        for t in range(T):
-            s = t if keep else 0
-            h_cur, x_cur = H_PREV[t], X[t]
-            if mask is not None:
-                h_cur = mul(h_cur, mask, out=H_MASKED[s])
-            elif copy_h:
-                XH_H[s].copy_(h_cur)
-            if copy_x:
-                XH_X[s].copy_(x_cur)
-            for odd, b_half, half_t, right_t, U, NEW, LOW in loop_rounds:
-                u = U[s]
-                src, tgt = (h_cur, x_cur) if odd else (x_cur, h_cur)
-                if right_t is None:
-                    addmm(b_half, src, half_t, out=u)
-                else:
-                    low = LOW[s]
-                    mm(src, right_t, out=low)
-                    addmm(b_half, low, half_t, out=u)
-                u.tanh_()
-                if odd:  # x <- 2 sigmoid(z) x = x + x tanh(z/2)
-                    x_cur = addcmul(tgt, tgt, u, out=NEW[s])
-                else:
-                    h_cur = addcmul(tgt, tgt, u, out=NEW[s])
-            addmm(bias, XH[s], w_t, out=G[s])
-            G_IF[s].sigmoid_()
-            G_G[s].tanh_()
-            G_O[s].sigmoid_()
-            c = C[t + 1]
-            mul(G_F[s], C[t], out=c)
-            c.addcmul_(G_I[s], G_G[s])
-            tc = tanh(c, out=TC[s])
-            mul(G_O[s], tc, out=OUT[t])
+            for t in range(T):
+                s = t if keep else 0
+                h_cur, x_cur = H_PREV[t], X[t]
+                if mask is not None:
+                    h_cur = mul(h_cur, mask, out=H_MASKED[s])
+                elif copy_h:
+                    XH_H[s].copy_(h_cur)
+                if copy_x:
+                    XH_X[s].copy_(x_cur)
+                for odd, b_half, half_t, right_t, U, NEW, LOW in loop_rounds:
+                    u = U[s]
+                    src, tgt = (h_cur, x_cur) if odd else (x_cur, h_cur)
+                    if right_t is None:
+                        addmm(b_half, src, half_t, out=u)
+                    else:
+                        low = LOW[s]
+                        mm(src, right_t, out=low)
+                        addmm(b_half, low, half_t, out=u)
+                    u.tanh_()
+                    if odd:  # x <- 2 sigmoid(z) x = x + x tanh(z/2)
+                        x_cur = addcmul(tgt, tgt, u, out=NEW[s])
+                    else:
+                        h_cur = addcmul(tgt, tgt, u, out=NEW[s])
+                addmm(bias, XH[s], w_t, out=G[s])
+                G_IF[s].sigmoid_()
+                G_G[s].tanh_()
+                G_O[s].sigmoid_()
+                c = C[t + 1]
+                mul(G_F[s], C[t], out=c)
+                c.addcmul_(G_I[s], G_G[s])
+                tc = tanh(c, out=TC[s])
+                mul(G_O[s], tc, out=OUT[t])
 
         h_t, c_t = out[T - 1].clone(), c_all[T].clone()
         if not keep:
@@ -303,63 +334,75 @@ class _MogrifierLSTMFunction(torch.autograd.Function):
         w[:, :m].copy_(w_ih)
         w[:, m:].copy_(w_hh)
         h_prev = carve(T, B, n)  # the previous h of every step, unmasked (filled if needed)
-        for rd in rounds:
-            rd.prepare_backward(carve)
-        d_c = d_ct.to(ctx.c_dtype, copy=True)
+        d_c = d_ct.to(ctx.c_dtype, copy=True, memory_format=torch.contiguous_format)
         d_c3 = d_c.unsqueeze(1)  # a view: broadcasts d c over the i, f, g gates
         d_xh = torch.empty(T, B, m + n, **new)
         d_h0 = torch.empty(B, n, **new)
 
-        # Per-step views, made once.
-        D_H, DC_DH, FORGET, D_XH, D_G = (a.unbind(0) for a in (d_h, dc_dh, forget, d_xh, d_gates))
-        F_3 = gates.view(T, B, 4, n)[:, :, :3].unbind(0)
-        F_O = gates[..., 3 * n :].unbind(0)
-        D_G3 = d_gates.view(T, B, 4, n)[:, :, :3].unbind(0)
-        D_GO = d_gates[..., 3 * n :].unbind(0)
-        D_X, D_HH = d_xh[..., :m].unbind(0), d_xh[..., m:].unbind(0)
-        loop_rounds = [
-            (
-                rd.odd,
-                rd.half,
-                rd.right,
-                tanhs[i].unbind(0),
-                es[i].unbind(0),
-                (x_ver if rd.odd else h_ver)[rd.version].unbind(0),
-                None if d_lows[i] is None else d_lows[i].unbind(0),
-                scratch_x if rd.odd else scratch_h,
-            )
-            for i, rd in reversed(list(enumerate(rounds)))
-        ]
-        addcmul, mul, mm = torch.addcmul, torch.mul, torch.mm
+        cpp = _cpp_loops(out, d_c) if ctx.cpp else None
+        if cpp is not None:  # the same loop in C++ (mogrifier_cpu.cpp)
+            empty = out.new_empty(0)
+            opt = lambda t: empty if t is None else t  # noqa: E731
+            back = list(reversed(list(enumerate(rounds))))
+            cpp.backward_loop(
+                d_h, d_c, dc_dh, forget, gates, d_gates, d_xh, w, opt(mask), d_h0,
+                [rd.odd for _, rd in back], [rd.matrix for _, rd in back], [opt(rd.right) for _, rd in back],
+                [tanhs[i] for i, _ in back], [es[i] for i, _ in back],
+                [(x_ver if rd.odd else h_ver)[rd.version] for _, rd in back], [opt(d_lows[i]) for i, _ in back],
+            )  # fmt: skip
+        else:  # the Python loop
+            for rd in rounds:
+                rd.prepare_backward(carve)
+            # Per-step views, made once.
+            D_H, DC_DH, FORGET, D_XH, D_G = (a.unbind(0) for a in (d_h, dc_dh, forget, d_xh, d_gates))
+            F_3 = gates.view(T, B, 4, n)[:, :, :3].unbind(0)
+            F_O = gates[..., 3 * n :].unbind(0)
+            D_G3 = d_gates.view(T, B, 4, n)[:, :, :3].unbind(0)
+            D_GO = d_gates[..., 3 * n :].unbind(0)
+            D_X, D_HH = d_xh[..., :m].unbind(0), d_xh[..., m:].unbind(0)
+            loop_rounds = [
+                (
+                    rd.odd,
+                    rd.half,
+                    rd.right,
+                    tanhs[i].unbind(0),
+                    es[i].unbind(0),
+                    (x_ver if rd.odd else h_ver)[rd.version].unbind(0),
+                    None if d_lows[i] is None else d_lows[i].unbind(0),
+                    scratch_x if rd.odd else scratch_h,
+                )
+                for i, rd in reversed(list(enumerate(rounds)))
+            ]
+            addcmul, mul, mm = torch.addcmul, torch.mul, torch.mm
 
-        for t in range(T - 1, -1, -1):
-            dh = D_H[t]
-            mul(dh, F_O[t], out=D_GO[t])
-            d_c.addcmul_(dh, DC_DH[t])
-            mul(d_c3, F_3[t], out=D_G3[t])
-            d_c.mul_(FORGET[t])  # now d c_{t-1}
-            mm(D_G[t], w, out=D_XH[t])
-            dx, dhh = D_X[t], D_HH[t]
-            for odd, half, right, U, E, NEW, D_LOW, scratch in loop_rounds:
-                u, e = U[t], E[t]
-                d_tgt, d_src = (dx, dhh) if odd else (dhh, dx)
-                mul(d_tgt, NEW[t], out=scratch)
-                d_tgt.addcmul_(d_tgt, u)  # d target before = d target after * (1 + u)
-                addcmul(scratch, scratch, u, value=-1, out=e)  # d z' = d after * after * (1 - u)
-                if right is None:
-                    d_src.addmm_(e, half)
+            for t in range(T - 1, -1, -1):
+                dh = D_H[t]
+                mul(dh, F_O[t], out=D_GO[t])
+                d_c.addcmul_(dh, DC_DH[t])
+                mul(d_c3, F_3[t], out=D_G3[t])
+                d_c.mul_(FORGET[t])  # now d c_{t-1}
+                mm(D_G[t], w, out=D_XH[t])
+                dx, dhh = D_X[t], D_HH[t]
+                for odd, half, right, U, E, NEW, D_LOW, scratch in loop_rounds:
+                    u, e = U[t], E[t]
+                    d_tgt, d_src = (dx, dhh) if odd else (dhh, dx)
+                    mul(d_tgt, NEW[t], out=scratch)
+                    d_tgt.addcmul_(d_tgt, u)  # d target before = d target after * (1 + u)
+                    addcmul(scratch, scratch, u, value=-1, out=e)  # d z' = d after * after * (1 - u)
+                    if right is None:
+                        d_src.addmm_(e, half)
+                    else:
+                        d_low = mm(e, half, out=D_LOW[t])
+                        d_src.addmm_(d_low, right)
+                if t > 0:
+                    if mask is None:
+                        D_H[t - 1].add_(dhh)
+                    else:
+                        D_H[t - 1].addcmul_(dhh, mask)
+                elif mask is None:
+                    d_h0.copy_(dhh)
                 else:
-                    d_low = mm(e, half, out=D_LOW[t])
-                    d_src.addmm_(d_low, right)
-            if t > 0:
-                if mask is None:
-                    D_H[t - 1].add_(dhh)
-                else:
-                    D_H[t - 1].addcmul_(dhh, mask)
-            elif mask is None:
-                d_h0.copy_(dhh)
-            else:
-                mul(dhh, mask, out=d_h0)
+                    mul(dhh, mask, out=d_h0)
 
         # Weight gradients of all steps at once: a few matmuls over T*B rows.
         TB = T * B

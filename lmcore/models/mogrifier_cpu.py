@@ -1,0 +1,79 @@
+"""Loads the C++ per-step loops of the Mogrifier fast path (mogrifier_cpu.cpp), compiled at first use.
+
+`extension()` returns the compiled module, or None where it cannot be used; mogrifier_fast then runs its
+Python loops (same results, ~1.5x slower on the CPU). It cannot be used when:
+
+* it is disabled: `enabled = False` here, or the environment variable LMCORE_MOGRIFIER_CPP=0;
+* the machine or the PyTorch build does not fit: it needs Linux on x86-64 with AVX2 and PyTorch built
+  with MKL and OpenMP (the pip wheels for Linux x86-64 are), because it calls MKL's packed GEMM inside
+  PyTorch and uses PyTorch's OpenMP threads;
+* the build fails (no C++ compiler, no ninja): one RuntimeWarning.
+
+The first use compiles with `torch.utils.cpp_extension.load` (~45 s on 2 cores) into torch's extensions
+directory (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR); later processes only load the library
+(~0.1 s). torch serialises concurrent builds with a lock file there, so Ray trials starting together
+compile once. `./dev setup` builds it ahead of time. The name carries the torch version: a different
+torch builds its own copy.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+enabled: bool = os.environ.get("LMCORE_MOGRIFIER_CPP", "1") not in ("0", "false", "False", "")
+
+_SOURCE = Path(__file__).with_name("mogrifier_cpu.cpp")
+_NAME = "lmcore_mogrifier_cpu_torch" + torch.__version__.split("+")[0].replace(".", "_")
+_lock = threading.Lock()
+_module = None
+_failed = False
+
+
+def unsupported_reason() -> str | None:
+    """Why this machine or PyTorch build cannot run the C++ loops, or None if it can."""
+    if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
+        return f"needs Linux on x86-64 (this is {sys.platform}/{platform.machine()})"
+    if not (torch.backends.mkl.is_available() and torch.backends.openmp.is_available()):
+        return "needs PyTorch built with MKL and OpenMP"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return f"needs a CPU with AVX2 (PyTorch reports {torch.backends.cpu.get_cpu_capability()})"
+    return None
+
+
+def extension():
+    """The compiled extension module, or None (disabled, unsupported or the build failed)."""
+    global _module, _failed
+    if not enabled or _failed:
+        return None
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is None and not _failed:
+            if unsupported_reason() is not None:
+                _failed = True  # silently: the Python loops are the path for such machines
+                return None
+            try:
+                from torch.utils import cpp_extension
+
+                _module = cpp_extension.load(
+                    name=_NAME,
+                    sources=[str(_SOURCE)],
+                    extra_cflags=["-O3", "-fopenmp", "-mavx2", "-mfma"],
+                    verbose=False,
+                )
+            except Exception as exc:  # no compiler, no ninja, build error: the Python loops still work
+                _failed = True
+                message = str(exc).strip()
+                warnings.warn(
+                    f"lmcore: could not build the C++ Mogrifier loops ({type(exc).__name__}: "
+                    f"{message.splitlines()[-1] if message else repr(exc)}); using the slower Python fast path",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    return _module
