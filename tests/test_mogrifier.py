@@ -344,8 +344,12 @@ def test_cpp_loops_vectorised_and_batch_chunked_equal_the_reference(monkeypatch,
         x, state, state_mask = make_inputs(torch.float32, t=6, b=19, m=12, n=20, mask=mask)
         fast = grads(layer, layer.forward, x, state, state_mask)
         ref = grads(layer, layer.forward_reference, x, state, state_mask)
+        with torch.no_grad():  # inference: one step of buffers, reused
+            out_no_grad, (h_no_grad, _) = layer(x, state, state_mask)
     finally:
         torch.set_num_threads(threads)
+    torch.testing.assert_close(out_no_grad, fast[0].detach())
+    torch.testing.assert_close(h_no_grad, fast[1].detach())
     names = ["out", "h_T", "c_T", "d x", "d h0", "d c0", *(f"d {n}" for n, _ in layer.named_parameters())]
     for name, a, b in zip(names, fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")

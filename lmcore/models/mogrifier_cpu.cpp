@@ -130,29 +130,43 @@ void round_forward(float* z, const float* b, const float* before, float* after, 
   }
 }
 
-// The LSTM cell: g (z = [x | h] @ W^T, 4n) becomes sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) (bias added);
-// c = f c_prev + i g; tc = tanh(c); h = o tc.
-void cell_forward(float* g, const float* bias, const float* c_prev, float* c, float* tc, float* h, int64_t n) {
+// The LSTM cell: with z = [x | h] @ W^T (4n, in g) and the bias, i, f, o = sigmoid, u = tanh of their
+// quarters; c = f c_prev + i u; h = o tanh(c). g and tc then hold what the backward needs (mogrifier_fast
+// computes the same after its Python loop): g = [u i(1-i), c_prev f(1-f), i(1-u^2), tanh(c) o(1-o)],
+// tc = o (1 - tanh(c)^2) = d c / d h, and forget = f. Without a backward (forget null) they are left as is.
+void cell_forward(float* g, const float* bias, const float* c_prev, float* c, float* tc, float* forget, float* h,
+                  int64_t n) {
   float *gi = g, *gf = g + n, *gg = g + 2 * n, *go = g + 3 * n;
   const float *bi = bias, *bf = bias + n, *bg = bias + 2 * n, *bo = bias + 3 * n;
+  const __m256 one = _mm256_set1_ps(1.0f);
   int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 i = sigmoid8(_mm256_add_ps(ld(gi + j), ld(bi + j)));
     const __m256 f = sigmoid8(_mm256_add_ps(ld(gf + j), ld(bf + j)));
     const __m256 u = tanh8(_mm256_add_ps(ld(gg + j), ld(bg + j)));
     const __m256 o = sigmoid8(_mm256_add_ps(ld(go + j), ld(bo + j)));
-    st(gi + j, i), st(gf + j, f), st(gg + j, u), st(go + j, o);
-    const __m256 cc = _mm256_fmadd_ps(f, ld(c_prev + j), _mm256_mul_ps(i, u));
+    const __m256 cp = ld(c_prev + j);
+    const __m256 cc = _mm256_fmadd_ps(f, cp, _mm256_mul_ps(i, u));
     const __m256 t = tanh8(cc);
-    st(c + j, cc), st(tc + j, t), st(h + j, _mm256_mul_ps(o, t));
+    st(c + j, cc), st(h + j, _mm256_mul_ps(o, t));
+    if (!forget) continue;
+    st(gi + j, _mm256_mul_ps(_mm256_mul_ps(u, i), _mm256_sub_ps(one, i)));
+    st(gf + j, _mm256_mul_ps(_mm256_mul_ps(cp, f), _mm256_sub_ps(one, f)));
+    st(gg + j, _mm256_mul_ps(i, _mm256_fnmadd_ps(u, u, one)));
+    st(go + j, _mm256_mul_ps(_mm256_mul_ps(t, o), _mm256_sub_ps(one, o)));
+    st(tc + j, _mm256_mul_ps(o, _mm256_fnmadd_ps(t, t, one)));
+    st(forget + j, f);
   }
   for (; j < n; ++j) {
     const float i = sigmoid1(gi[j] + bi[j]), f = sigmoid1(gf[j] + bf[j]);
     const float u = std::tanh(gg[j] + bg[j]), o = sigmoid1(go[j] + bo[j]);
-    gi[j] = i, gf[j] = f, gg[j] = u, go[j] = o;
     c[j] = f * c_prev[j] + i * u;
-    tc[j] = std::tanh(c[j]);
-    h[j] = o * tc[j];
+    const float t = std::tanh(c[j]);
+    h[j] = o * t;
+    if (!forget) continue;
+    gi[j] = u * i * (1 - i), gf[j] = c_prev[j] * f * (1 - f), gg[j] = i * (1 - u * u), go[j] = t * o * (1 - o);
+    tc[j] = o * (1 - t * t);
+    forget[j] = f;
   }
 }
 
@@ -229,8 +243,8 @@ void over_batch_chunks(int64_t B, int64_t chunks, const F& f) {
 }
 
 void forward_loop(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c_all, const at::Tensor& out,
-                  const at::Tensor& xh, const at::Tensor& gates, const at::Tensor& tanh_c, const at::Tensor& w,
-                  const at::Tensor& bias, const at::Tensor& mask, const at::Tensor& h_masked,
+                  const at::Tensor& xh, const at::Tensor& gates, const at::Tensor& tanh_c, const at::Tensor& forget,
+                  const at::Tensor& w, const at::Tensor& bias, const at::Tensor& mask, const at::Tensor& h_masked,
                   const std::vector<bool>& odd, const std::vector<at::Tensor>& mats,
                   const std::vector<at::Tensor>& rights, const std::vector<at::Tensor>& biases,
                   const std::vector<at::Tensor>& tanhs, const std::vector<at::Tensor>& afters,
@@ -245,7 +259,7 @@ void forward_loop(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c
 
   over_batch_chunks(B, chunks, [&](int64_t b0, int64_t nb) {
     const Rows X(x, b0), H0(h0c, b0), C(c_all, b0), OUT(out, b0), XH(xh, b0), G(gates, b0), TC(tanh_c, b0);
-    const Rows MASK(maskc, b0), HM(h_masked, b0);
+    const Rows MASK(maskc, b0), HM(h_masked, b0), FORGET(forget, b0);
     std::vector<Rows> U, AFTER, LOW;
     for (const Round& rd : rounds) U.emplace_back(rd.tanh, b0), AFTER.emplace_back(rd.after, b0), LOW.emplace_back(rd.low, b0);
     for (int64_t t = 0; t < T; ++t) {
@@ -288,7 +302,7 @@ void forward_loop(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c
       gate.product(nb, xh_s, XH.row, 0.0f, g, G.row);
       for (int64_t b = 0; b < nb; ++b)
         cell_forward(g + b * G.row, biasc.data_ptr<float>(), C.at(t, b), C.at(t + 1, b), TC.at(s, b),
-                     OUT.at(t, b), n);
+                     FORGET.p ? FORGET.at(t, b) : nullptr, OUT.at(t, b), n);
     }
   });
 }

@@ -210,7 +210,8 @@ class _MogrifierLSTMFunction(torch.autograd.Function):
             empty = x.new_empty(0)
             opt = lambda t: empty if t is None else t  # noqa: E731
             cpp.forward_loop(
-                x, h0, c_all, out, xh, gates, tanh_c, w, bias, opt(mask), opt(h_ver[0] if mask is not None else None),
+                x, h0, c_all, out, xh, gates, tanh_c, opt(forget), w, bias, opt(mask),
+                opt(h_ver[0] if mask is not None else None),
                 [rd.odd for rd in rounds], [rd.matrix for rd in rounds], [opt(rd.right) for rd in rounds],
                 [rd.bias for rd in rounds], [rd.tanh for rd in rounds],
                 [(x_ver if rd.odd else h_ver)[rd.version] for rd in rounds], [opt(rd.low) for rd in rounds],
@@ -280,18 +281,21 @@ class _MogrifierLSTMFunction(torch.autograd.Function):
         if not keep:
             return out, h_t, c_t
 
-        # Elementwise factors of the gate backward, for all steps at once. Afterwards `gates` holds
-        # [g i(1-i), c_prev f(1-f), i(1-g^2), tanh(c) o(1-o)]: d gates = [dc, dc, dc, dh] * gates.
-        ig, fg, gg, og = gates[..., :n], gates[..., n : 2 * n], gates[..., 2 * n : 3 * n], gates[..., 3 * n :]
-        tmp = torch.mul(og, tanh_c, out=forget)
-        dc_dh = torch.addcmul(og, tmp, tanh_c, value=-1, out=tanh_c)  # d c / d h = o (1 - tanh(c)^2)
-        torch.addcmul(tmp, tmp, og, value=-1, out=og)
-        torch.mul(ig, gg, out=tmp)
-        torch.addcmul(ig, tmp, gg, value=-1, out=gg)
-        torch.addcmul(tmp, tmp, ig, value=-1, out=ig)
-        forget.copy_(fg)
-        torch.mul(forget, c_all[:-1], out=fg)
-        fg.addcmul_(fg, forget, value=-1)
+        # Elementwise factors of the gate backward, for all steps at once (the C++ loop wrote them already).
+        # Afterwards `gates` holds [g i(1-i), c_prev f(1-f), i(1-g^2), tanh(c) o(1-o)]: d gates =
+        # [dc, dc, dc, dh] * gates; tanh_c holds d c / d h = o (1 - tanh(c)^2); forget holds f.
+        dc_dh = tanh_c
+        if cpp is None:
+            ig, fg, gg, og = gates[..., :n], gates[..., n : 2 * n], gates[..., 2 * n : 3 * n], gates[..., 3 * n :]
+            tmp = torch.mul(og, tanh_c, out=forget)
+            torch.addcmul(og, tmp, tanh_c, value=-1, out=tanh_c)
+            torch.addcmul(tmp, tmp, og, value=-1, out=og)
+            torch.mul(ig, gg, out=tmp)
+            torch.addcmul(ig, tmp, gg, value=-1, out=gg)
+            torch.addcmul(tmp, tmp, ig, value=-1, out=ig)
+            forget.copy_(fg)
+            torch.mul(forget, c_all[:-1], out=fg)
+            fg.addcmul_(fg, forget, value=-1)
 
         # Everything through save_for_backward: freed after the backward unless retain_graph.
         ctx.low_rank, ctx.c_dtype = low_rank, c0.dtype
