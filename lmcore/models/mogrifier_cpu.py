@@ -1,7 +1,7 @@
 """Loads the C++ per-step loops of the Mogrifier fast path (mogrifier_cpu.cpp), compiled at first use.
 
 `extension()` returns the compiled module, or None where it cannot be used; mogrifier_fast then runs its
-Python loops (same results, ~1.5x slower on the CPU). It cannot be used when:
+Python loops (same results, 1.3-1.6x slower at n=256). It cannot be used when:
 
 * it is disabled: `enabled = False` here, or the environment variable LMCORE_MOGRIFIER_CPP=0;
 * the machine or the PyTorch build does not fit: it needs Linux on x86-64 with AVX2 and PyTorch built
