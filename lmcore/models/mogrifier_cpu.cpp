@@ -10,8 +10,8 @@
 //   [steps, B, k] buffer), so a step costs its arithmetic, not ~40 dispatcher calls and views.
 // * The weights are packed once per call into MKL's internal GEMM format (cblas_sgemm_pack, with the
 //   transpose and the round's 1/2 folded in) and every per-step product is cblas_sgemm_compute against
-//   them. At B=32 an ordinary sgemm spends about a third of its time re-packing the [512, 1024] gate
-//   weights, on every step.
+//   them. An ordinary sgemm re-packs its weights at every call: for the [32, 512] x [512, 1024] gate
+//   product that made it ~1.5x slower in a micro-benchmark while developing.
 // * The elementwise work of a step is fused into a few passes (bias + activation + update), with a fast
 //   vectorised tanh (see tanh8); sigmoid(z) = (1 + tanh(z/2)) / 2.
 // * The batch rows are independent recurrences: with several threads each thread runs the whole time loop
@@ -213,7 +213,10 @@ std::vector<Round> make_rounds(const std::vector<bool>& odd, const std::vector<a
     // forward: z = s @ M^T (full) or (s @ R^T) @ L^T; backward: d s += e @ (M / 2) or (e @ (L / 2)) @ R
     rd.matrix = Packed(mats[i].contiguous(), forward, m, forward ? 1.0f : 0.5f);
     if (given(rights[i])) rd.right = Packed(rights[i].contiguous(), forward, m, 1.0f);
-    if (forward) rd.bias = biases[i].data_ptr<float>();
+    if (forward) {
+      TORCH_CHECK(biases[i].is_contiguous() && biases[i].scalar_type() == at::kFloat, "mogrifier_cpu: bad bias");
+      rd.bias = biases[i].data_ptr<float>();
+    }
   }
   return rounds;
 }
@@ -253,7 +256,8 @@ void forward_loop(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c
   const int64_t chunks = chunk_count(B), rows_max = (B + chunks - 1) / chunks;
   const Packed gate(w.contiguous(), true, rows_max, 1.0f);  // z = [x | h] @ W^T
   std::vector<Round> rounds = make_rounds(odd, mats, rights, biases, true, rows_max);
-  for (size_t i = 0; i < rounds.size(); ++i) rounds[i].tanh = tanhs[i], rounds[i].after = afters[i], rounds[i].low = lows[i];
+  for (size_t i = 0; i < rounds.size(); ++i)
+    rounds[i].tanh = tanhs[i], rounds[i].after = afters[i], rounds[i].low = lows[i];
   const at::Tensor h0c = h0.contiguous(), maskc = given(mask) ? mask.contiguous() : mask;
   const at::Tensor biasc = bias.contiguous();
 
@@ -261,7 +265,8 @@ void forward_loop(const at::Tensor& x, const at::Tensor& h0, const at::Tensor& c
     const Rows X(x, b0), H0(h0c, b0), C(c_all, b0), OUT(out, b0), XH(xh, b0), G(gates, b0), TC(tanh_c, b0);
     const Rows MASK(maskc, b0), HM(h_masked, b0), FORGET(forget, b0);
     std::vector<Rows> U, AFTER, LOW;
-    for (const Round& rd : rounds) U.emplace_back(rd.tanh, b0), AFTER.emplace_back(rd.after, b0), LOW.emplace_back(rd.low, b0);
+    for (const Round& rd : rounds)
+      U.emplace_back(rd.tanh, b0), AFTER.emplace_back(rd.after, b0), LOW.emplace_back(rd.low, b0);
     for (int64_t t = 0; t < T; ++t) {
       const int64_t s = keep ? t : 0;
       // the current x and h versions: [nb rows] with their row strides
@@ -327,8 +332,10 @@ void backward_loop(const at::Tensor& d_h, const at::Tensor& d_c, const at::Tenso
     const Rows DH(d_h, b0), DC(d_c, b0), DCDH(dc_dh, b0), FG(forget, b0), F(factors, b0), DG(d_gates, b0);
     const Rows DXH(d_xh, b0), MASK(maskc, b0), DH0(d_h0, b0);
     std::vector<Rows> U, E, AFTER, DLOW;
-    for (const Round& rd : rounds)
-      U.emplace_back(rd.tanh, b0), E.emplace_back(rd.e, b0), AFTER.emplace_back(rd.after, b0), DLOW.emplace_back(rd.d_low, b0);
+    for (const Round& rd : rounds) {
+      U.emplace_back(rd.tanh, b0), E.emplace_back(rd.e, b0);
+      AFTER.emplace_back(rd.after, b0), DLOW.emplace_back(rd.d_low, b0);
+    }
     for (int64_t t = T - 1; t >= 0; --t) {
       for (int64_t b = 0; b < nb; ++b)
         gate_backward(DG.at(t, b), DC.at(0, b), DH.at(t, b), DCDH.at(t, b), F.at(t, b), FG.at(t, b), n);
