@@ -111,7 +111,7 @@ def build(impl: str, shape: Shape, device: str):
         cpp = impl == "ours"
 
         def step(x, h, c):
-            mogrifier_cpu.enabled = cpp  # (read again by the backward, which runs right after)
+            mogrifier_cpu.enabled = cpp  # (read by the forward; the backward runs the same loops)
             return layer(x, (h, c))[0].sum()
 
         return layer, step

@@ -202,7 +202,7 @@ class _MogrifierLSTMFunction(torch.autograd.Function):
         for rd in rounds:
             rd.low = None if rd.right is None else carve(steps, B, rd.right.shape[0])
         copy_x, copy_h = x_last == 0 and not keep, h_last == 0 and mask is None
-        ctx.cpp = cpp is not None
+        ctx.cpp = cpp  # the backward runs the same loops
         if cpp is not None:  # the same loop in C++ (mogrifier_cpu.cpp)
             w = carve(4 * n, m + n)  # [W_ih | W_hh]
             w[:, :m].copy_(w_ih)
@@ -323,15 +323,16 @@ class _MogrifierLSTMFunction(torch.autograd.Function):
         rounds = _round_plan(ctx.low_rank, rest[2 * r :])
 
         new = dict(device=out.device, dtype=out.dtype)
-        shapes = [(T, B, n), (T, B, 4 * n), (B, m), (B, n), *(u.shape for u in tanhs)]
+        cpp = ctx.cpp
+        shapes = [(T, B, n), (T, B, 4 * n), *(u.shape for u in tanhs)]
         shapes += [k.shape for k in lows if k is not None] + [(4 * n, m + n), (T, B, n)]
-        shapes += [rd.matrix.shape for rd in rounds]
+        if cpp is None:  # the Python loop's scratch rows and halved round matrices
+            shapes += [(B, m), (B, n)] + [rd.matrix.shape for rd in rounds]
         carve = _Carve(shapes, out.dtype, out.device)
         d_h = carve(T, B, n)  # d loss / d h_t, completed step by step
         d_h.copy_(d_out)
         d_h[T - 1] += d_ht
         d_gates = carve(T, B, 4 * n)  # (the forward's buffers stay intact, so retain_graph works)
-        scratch_x, scratch_h = carve(B, m), carve(B, n)
         es = [carve(*u.shape) for u in tanhs]
         d_lows = [None if k is None else carve(*k.shape) for k in lows]
         w = carve(4 * n, m + n)  # [W_ih | W_hh]
@@ -343,7 +344,6 @@ class _MogrifierLSTMFunction(torch.autograd.Function):
         d_xh = torch.empty(T, B, m + n, **new)
         d_h0 = torch.empty(B, n, **new)
 
-        cpp = _cpp_loops(out, d_c) if ctx.cpp else None
         if cpp is not None:  # the same loop in C++ (mogrifier_cpu.cpp)
             empty = out.new_empty(0)
             opt = lambda t: empty if t is None else t  # noqa: E731
@@ -355,6 +355,7 @@ class _MogrifierLSTMFunction(torch.autograd.Function):
                 [(x_ver if rd.odd else h_ver)[rd.version] for _, rd in back], [opt(d_lows[i]) for i, _ in back],
             )  # fmt: skip
         else:  # the Python loop
+            scratch_x, scratch_h = carve(B, m), carve(B, n)
             for rd in rounds:
                 rd.prepare_backward(carve)
             # Per-step views, made once.
