@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .config import Config, describe_error, field_names, flatten, make_config, parse_override, parse_value
+from . import files
+from .config import Config, error_lines, field_names, flatten, make_config, parse_override, parse_value
 from .data import DataError
 from .train import evaluate_checkpoint, train
 
@@ -95,12 +96,10 @@ def _is_number(text: str) -> bool:
 def config_from_args(args: argparse.Namespace) -> Config:
     tree: dict[str, Any] = {}
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise UsageError(f"--config {path}: no such file")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise UsageError(f"{path}: expected a mapping of settings")
+        try:
+            tree = files.read_yaml(args.config)
+        except files.FileError as err:
+            raise UsageError(f"--config {err}") from None
     overrides: dict[str, Any] = {}
     for flag, name in SEED_ALIASES.items():
         if getattr(args, flag) is not None:
@@ -117,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         # flatten() accepts nested sections and dotted keys alike in the file.
         return make_config({}, flatten(tree) | overrides)
     except ValidationError as err:
-        raise UsageError(describe_error(err, args.config or "command line")) from None
+        raise UsageError("\n".join(error_lines(err, args.config or "command line"))) from None
     except ValueError as err:
         raise UsageError(str(err)) from None
 

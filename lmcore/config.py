@@ -6,10 +6,12 @@ these dotted names (`data.bptt`, `model.dropout.state`, `optim.lr`, ...).
 """
 from __future__ import annotations
 
+import difflib
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from . import files
 
 Family = Literal["mogrifier", "lstm", "gru", "rnn", "transformer"]
 RNN_FAMILIES = ("lstm", "gru", "rnn")
@@ -142,14 +144,23 @@ def field_names() -> list[str]:
     return list(Config().flat())
 
 
-def describe_error(err: ValidationError, source: str = "config") -> str:
-    """One readable message per problem: `source: model.rounds: Input should be ... (got 'x')`."""
+def error_lines(err: ValidationError, source: str, prefix: str = "") -> list[str]:
+    """One line per problem: `source: prefix.model.rounds: Input should be ... (got 'x')`. The one formatter of
+    validation errors for both command lines; a value is shown only when it is short and a scalar."""
     lines = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e.get("input"), dict) else ""
-        lines.append(f"{source}: {where}: {e['msg']}{got}")
-    return "\n".join(lines)
+        field = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"]]) or "(top level)"
+        value = e.get("input")
+        shown = e["type"] not in ("missing", "value_error") and not isinstance(value, (dict, list))
+        got = f" (got {files.short_repr(value)})" if shown else ""
+        lines.append(f"{source}: {field}: {e['msg'].removeprefix('Value error, ')}{got}")
+    return list(dict.fromkeys(lines))  # a union type can report the same problem twice
+
+
+def did_you_mean(name: str, names=None) -> str:
+    """" (did you mean model.rounds?)" for a misspelt setting, else ""."""
+    close = difflib.get_close_matches(name, sorted(names if names is not None else field_names()), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _deepcopy(tree: dict[str, Any]) -> dict[str, Any]:
@@ -160,8 +171,8 @@ def parse_value(name: str, text: str) -> Any:
     """Turn command-line text into a value for field `name` (YAML scalars: 3, 0.5, true, 1e-3);
     "none"/"null" mean None for fields that accept None. Validation happens in make_config."""
     if name not in field_names():
-        raise ValueError(f"unknown setting {name!r}; known settings: {', '.join(field_names())}")
-    value = yaml.safe_load(text) if text.strip() else text
+        raise ValueError(f"unknown setting {name!r}{did_you_mean(name)}")
+    value = files.parse_value(text)
     if isinstance(value, str) and value.lower() in ("none", "null") and _accepts_none(name):
         return None
     if isinstance(value, (dict, list)):

@@ -12,12 +12,13 @@ import gzip
 import hashlib
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pooch
 import torch
+
+from . import files
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -236,22 +237,6 @@ def _tokenize(texts: dict[str, bytes], paths: dict[str, Path]) -> tuple[list[str
     return vocab.itos, tensors
 
 
-def save_atomically(obj, path: Path) -> None:
-    """torch.save `obj` to `path` so that no reader ever sees a half-written file."""
-    # Write a temp file beside it and rename: readers see the old file or the whole new one, and
-    # processes preparing the same corpus at once just replace each other's identical result.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache dir may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def corpus_cache_path(name: str, digests: dict[str, str]) -> Path:
     key = hashlib.sha256(" ".join([TOKENIZER_VERSION] + [digests[s] for s in SPLITS]).encode()).hexdigest()
     return cache_dir() / "corpora" / f"{name}-{key[:20]}.pt"
@@ -271,5 +256,5 @@ def load_corpus(name: str, data_dir: str | os.PathLike | None = None) -> Corpus:
         itos, tensors = saved["itos"], saved
     except FileNotFoundError:
         itos, tensors = _tokenize(texts, paths)
-        save_atomically({"itos": itos, **tensors}, cached)
+        files.write_atomically(cached, lambda f: torch.save({"itos": itos, **tensors}, f))
     return Corpus(name, tensors["train"], tensors["valid"], tensors["test"], Vocab(itos))

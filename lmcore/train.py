@@ -10,7 +10,7 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from .batching import batchify, bptt_windows, eval_batches
 from .checkpoint import FORMAT, load_checkpoint, read_file
 from .config import Config, make_config
-from .data import Corpus, DataError, load_corpus, save_atomically
+from . import files
+from .data import Corpus, DataError, load_corpus
 from .models import LanguageModel, build_model, detach_state
 
 log = logging.getLogger("lmcore")
@@ -32,8 +33,23 @@ def diverged(loss: float) -> bool:
     return not loss < DIVERGED_LOSS  # also true for NaN
 
 
+class EpochMetrics(TypedDict):
+    """What `train` reports after every epoch: the columns of learning curves and the metrics a study may rank by."""
+
+    epoch: int
+    train_loss: float
+    valid_loss: float  # inf once the run diverged
+    valid_ppl: float
+    best_valid_ppl: float  # the best valid perplexity so far
+    lr: float
+    tokens_per_s: float
+    elapsed_s: float  # training and validation time so far, over resumes
+    params: int
+    diverged: bool
+
+
 # report(metrics, save_checkpoint): called once per epoch; save_checkpoint(path) writes a resumable file.
-Report = Callable[[dict[str, Any], Callable[[Path], None]], None]
+Report = Callable[[EpochMetrics, Callable[[Path], None]], None]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -142,10 +158,10 @@ def train(config: Config | dict, report: Report | None = None, resume_from: str 
 
     def save_checkpoint(path: Path) -> None:
         # Written atomically: a crash mid-write never leaves a truncated checkpoint behind.
-        save_atomically({"format": FORMAT, "config": config.model_dump(),
-                         "model_config": model.config.model_dump(), "vocab": corpus.vocab.itos,
-                         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": dict(loop),
-                         "rng": rng_state(windows)}, Path(path))
+        payload = {"format": FORMAT, "config": config.model_dump(), "model_config": model.config.model_dump(),
+                   "vocab": corpus.vocab.itos, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                   "loop": dict(loop), "rng": rng_state(windows)}
+        files.write_atomically(path, lambda f: torch.save(payload, f))
 
     if run.progress:
         log.info("%s: %s parameters, %d training tokens, device %s", model.config.family, f"{params:,}",
@@ -165,7 +181,7 @@ def train(config: Config | dict, report: Report | None = None, resume_from: str 
                 loop["best_valid_loss"] = valid["loss"]
             else:  # plateau: decay the learning rate (pytorch/examples' recipe)
                 loop["lr"] *= optim.lr_decay
-        metrics = {
+        metrics: EpochMetrics = {
             "epoch": epoch,
             "train_loss": train_loss,
             "valid_loss": math.inf if blew_up else valid["loss"],

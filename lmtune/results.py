@@ -16,13 +16,11 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from lmcore.train import EpochMetrics
 from lmtune.space import trial_settings
 
 SUMMARY_FILE = "summary.json"
-HISTORY_COLUMNS = [
-    "epoch", "train_loss", "valid_loss", "valid_ppl", "best_valid_ppl", "lr", "tokens_per_s", "elapsed_s",
-    "diverged", "time_total_s",
-]
+HISTORY_COLUMNS = [*(k for k in EpochMetrics.__annotations__ if k != "params"), "time_total_s"]
 RANKED = ("completed", "early-stopped", "running", "paused", "pending")  # not diverged, not error
 
 

@@ -5,20 +5,20 @@ Every problem becomes one line naming the file and the field (`experiments/x.yam
 """
 from __future__ import annotations
 
-import difflib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lmcore.config import Config, Family, field_names, flatten, make_config, set_dotted
-from lmtune.space import CategoricalSpec, SearchSpace, SpaceError, error_lines, parse_params
+from lmcore import files
+from lmcore.config import Config, Family, did_you_mean, error_lines, field_names, flatten, make_config, set_dotted
+from lmcore.train import EpochMetrics
+from lmtune.space import CategoricalSpec, SearchSpace, SpaceError, parse_params
 
 LMCORE_SECTIONS = ("data", "model", "optim", "train")
-METRICS = ("valid_ppl", "valid_loss", "best_valid_ppl")
+# A study ranks trials by one of the validation metrics that `lmcore.train` reports each epoch.
+METRICS = tuple(k for k in EpochMetrics.__annotations__ if k.startswith(("valid_", "best_valid_")))
 # Settings the experiment itself decides; a search space must not vary them.
 MANAGED = {
     "data.name": "dataset",
@@ -87,7 +87,7 @@ class ExperimentSpec(_Strict):
     family: Family | None = Field(None, description="model.family, unless the search space chooses it")
     fixed: dict[str, Any] = Field(default_factory=dict, description="lmcore settings shared by all trials")
     search_space: str | dict[str, Any] = Field(description="a search_spaces/*.yaml path (relative to this file)")
-    metric: Literal["valid_ppl", "valid_loss", "best_valid_ppl"] = "valid_ppl"
+    metric: Literal[METRICS] = "valid_ppl"  # type: ignore[valid-type]
     mode: Literal["min", "max"] = "min"
     searcher: SearcherSpec = Field(default_factory=SearcherSpec)
     scheduler: SchedulerSpec
@@ -157,12 +157,11 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     return Experiment(spec=spec, base=base, space=space, source=source)
 
 
-def parse_value(text: str) -> Any:
-    """A --set value as YAML would read it (`4`, `1e-3`, `true`, `null`, `[a, b]`, `mogrifier`)."""
+def _read_yaml(path: Path, source: str) -> dict[str, Any]:
     try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError:
-        return text
+        return files.read_yaml(path, source)
+    except files.FileError as err:
+        raise ExperimentError(str(err)) from None
 
 
 def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
@@ -174,14 +173,14 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
             raise ExperimentError(f"--set {item}: expected key=value")
         if key.split(".")[0] in LMCORE_SECTIONS:  # an lmcore setting: goes to fixed
             if key not in names:
-                raise ExperimentError(f"--set {key}: unknown setting{_did_you_mean(key, names)}")
+                raise ExperimentError(f"--set {key}: unknown setting{did_you_mean(key, names)}")
             fixed = raw.setdefault("fixed", {})
             if not isinstance(fixed, dict):
                 raise ExperimentError(f"--set {key}: the experiment's `fixed` is not a mapping")
-            fixed[key] = parse_value(text)
+            fixed[key] = files.parse_value(text)
         else:
             try:
-                set_dotted(raw, key, parse_value(text))
+                set_dotted(raw, key, files.parse_value(text))
             except ValueError as err:
                 raise ExperimentError(f"--set {item}: {err}") from None
 
@@ -189,7 +188,7 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
 def _base_config(spec: ExperimentSpec, source: str) -> Config:
     fixed = flatten(spec.fixed)
     names = set(field_names())
-    errors = [f"{source}: fixed.{k}: unknown setting{_did_you_mean(k, names)}" for k in fixed if k not in names]
+    errors = [f"{source}: fixed.{k}: unknown setting{did_you_mean(k, names)}" for k in fixed if k not in names]
     decided = {"data.name": spec.dataset, "train.epochs": spec.scheduler.max_epochs}
     for key, value in decided.items():
         if key in fixed and fixed[key] != value:
@@ -245,7 +244,7 @@ def _check_params(params, spec: ExperimentSpec, base: Config, source: str) -> li
     for p in params:
         where = f"{source}: params.{p.name}"
         if p.name not in names:
-            errors.append(f"{where}: unknown setting{_did_you_mean(p.name, names)}")
+            errors.append(f"{where}: unknown setting{did_you_mean(p.name, names)}")
             continue
         if p.name in MANAGED:
             errors.append(f"{where}: is set by {MANAGED[p.name]}, not searched")
@@ -255,7 +254,7 @@ def _check_params(params, spec: ExperimentSpec, base: Config, source: str) -> li
             errors.append(f"{where}: the experiment fixes family: {spec.family}; drop one of them")
         for ref, allowed in p.when.items():
             if ref not in names:
-                errors.append(f"{where}.when: unknown setting {ref}{_did_you_mean(ref, names)}")
+                errors.append(f"{where}.when: unknown setting {ref}{did_you_mean(ref, names)}")
             elif ref in {q.name for q in params} and ref not in seen:
                 errors.append(f"{where}.when: {ref} must be defined above {p.name}")
             elif isinstance(getattr(seen.get(ref), "spec", None), CategoricalSpec):
@@ -285,38 +284,3 @@ def _check_samples(space: SearchSpace, base: Config, source: str) -> None:
             raise ExperimentError(
                 f"{source}: these settings are invalid together: {settings}\n" + "\n".join(error_lines(err, source))
             ) from None
-
-
-def _read_yaml(path: Path, source: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise ExperimentError(f"{source}: no such file")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
-    except yaml.YAMLError as err:
-        raise ExperimentError(f"{source}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ExperimentError(f"{source}: expected a mapping of settings at the top level")
-    return raw
-
-
-def _did_you_mean(name: str, names: set[str]) -> str:
-    close = difflib.get_close_matches(name, sorted(names), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads `1e-3` as a string; researchers write learning rates that way, so read it as a float."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)

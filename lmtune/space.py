@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmcore.config import error_lines
+
 # Optuna names an alternative "model.layers|transformer"; trial settings drop these aliases.
 ALIAS = "|"
 OPTUNA_CHOICE_TYPES = (type(None), bool, int, float, str)
@@ -247,14 +249,3 @@ def _as_params(name: str, specs: list[Spec]) -> list[Param]:
                 raise ValueError(f"alternatives {j} and {i} can both apply: give them disjoint `when` values")
     labels = [",".join(str(x) for v in w.values() for x in v) for w in whens]
     return [Param(name, f"{name}{ALIAS}{label}", s, w) for s, w, label in zip(specs, whens, labels)]
-
-
-def error_lines(err: ValidationError, source: str, prefix: str = "") -> list[str]:
-    """One line per pydantic error: `source: prefix.field: message (got value)`."""
-    lines = []
-    for e in err.errors():
-        field = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"]]) or "(top level)"
-        shown = e["type"] not in ("missing", "value_error") and not isinstance(e.get("input"), (dict, list))
-        msg = e["msg"].removeprefix("Value error, ") + (f" (got {e['input']!r})" if shown else "")
-        lines.append(f"{source}: {field}: {msg}")
-    return lines

@@ -81,7 +81,7 @@ def test_a_valid_experiment_resolves(tmp_path):
     ({"dataset": "c4"}, "exp.yaml: dataset: Input should be 'ptb', 'wikitext-2' or 'text' (got 'c4')"),
     ({"family": "gpt"}, "exp.yaml: family: Input should be 'mogrifier', 'lstm', 'gru', 'rnn' or 'transformer'"),
     ({"dataset": None}, "exp.yaml: dataset: Field required"),
-    ({"metric": "accuracy"}, "exp.yaml: metric: Input should be 'valid_ppl', 'valid_loss' or 'best_valid_ppl'"),
+    ({"metric": "accuracy"}, "exp.yaml: metric: Input should be 'valid_loss', 'valid_ppl' or 'best_valid_ppl'"),
     ({"scheduler": {"max_epochs": 3, "grace_period": 5}}, "exp.yaml: scheduler: grace_period (5) exceeds max_epochs (3)"),
     ({"scheduler": {"max_epochs": 3, "reduction_factor": 1}}, "exp.yaml: scheduler.reduction_factor: Input should be greater than 1"),
     ({"scheduler": {"type": "pbt", "max_epochs": 3}}, "exp.yaml: scheduler.type: Input should be 'asha' or 'fifo'"),
@@ -127,7 +127,7 @@ def test_experiment_errors(tmp_path, capsys, changes, message):
     ({"params": {}}, "space.yaml: params: expected a non-empty mapping"),
     ({"parameters": {}}, "space.yaml: parameters: Extra inputs are not permitted"),
     ("params: [unclosed", "space.yaml: not valid YAML"),
-    ("- a list", "space.yaml: expected a mapping of settings at the top level"),
+    ("- a list", "space.yaml: expected a mapping of settings"),
 ])
 def test_search_space_errors(tmp_path, capsys, space, message):
     assert message in fails(experiment(tmp_path, space=space), capsys)
