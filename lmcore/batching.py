@@ -23,6 +23,14 @@ def batchify(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
     return tokens[: rows * batch_size].view(batch_size, rows).t().contiguous()
 
 
+MAX_EXTRA = 20  # a variable window is at most bptt + MAX_EXTRA tokens long
+
+
+def longest_window(bptt: int, variable: bool) -> int:
+    """The longest training window `window_length` can return."""
+    return bptt + MAX_EXTRA if variable else bptt
+
+
 def window_length(bptt: int, variable: bool, generator: torch.Generator | None) -> int:
     """bptt, or with `variable` the AWD-LSTM random length: mostly around bptt, sometimes around
     bptt / 2 (so window boundaries move between epochs), at least 5, at most bptt + 20."""
@@ -30,7 +38,7 @@ def window_length(bptt: int, variable: bool, generator: torch.Generator | None) 
         return bptt
     base = bptt if torch.rand((), generator=generator).item() < 0.95 else bptt / 2
     length = max(5, int(base + 5 * torch.randn((), generator=generator).item()))
-    return min(length, bptt + 20)
+    return min(length, longest_window(bptt, variable))
 
 
 def bptt_windows(

@@ -7,14 +7,32 @@ these dotted names (`data.bptt`, `model.dropout.state`, `optim.lr`, ...).
 from __future__ import annotations
 
 import difflib
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from . import files
+from .batching import longest_window
 
 Family = Literal["mogrifier", "lstm", "gru", "rnn", "transformer"]
 RNN_FAMILIES = ("lstm", "gru", "rnn")
+DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+class SettingError(ValueError):
+    """A setting that is valid on its own but cannot run here (no CUDA, a batch larger than the data):
+    str() names the field. The command lines report it as bad input."""
+
+
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would read true as 1
+        raise ValueError("Input should be a valid integer, not a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
 
 
 class _Section(BaseModel):
@@ -37,28 +55,28 @@ class DataConfig(_Section):
         "ptb", description="ptb | wikitext-2 | text (your own train/valid/test.txt in data.dir, not checksummed)"
     )
     dir: str | None = Field(None, description="data folder; else $LMCORE_DATA_DIR, else the per-user cache")
-    batch_size: int = Field(20, gt=0)
-    eval_batch_size: int = Field(10, gt=0, description="batch size of validation (and test) evaluation")
-    bptt: int = Field(35, gt=0, description="truncated back-propagation length (tokens)")
+    batch_size: Int = Field(20, gt=0)
+    eval_batch_size: Int = Field(10, gt=0, description="batch size of validation (and test) evaluation")
+    bptt: Int = Field(35, gt=0, description="truncated back-propagation length (tokens)")
     variable_bptt: bool = Field(True, description="AWD-LSTM randomised window lengths in training")
 
 
 class ModelConfig(_Section):
     family: Family = "mogrifier"
-    layers: int = Field(2, gt=0, description="recurrent layers or transformer blocks")
-    hidden: int = Field(650, gt=0, description="hidden size of the RNN families")
-    embedding: int | None = Field(None, gt=0, description="embedding size; None = hidden (d_model)")
-    rounds: int = Field(5, ge=0, description="mogrifier rounds; 0 is exactly an LSTM")
-    rank: int | None = Field(None, gt=0, description="low rank of the mogrifier matrices; None = full")
+    layers: Int = Field(2, gt=0, description="recurrent layers or transformer blocks")
+    hidden: Int = Field(650, gt=0, description="hidden size of the RNN families")
+    embedding: Int | None = Field(None, gt=0, description="embedding size; None = hidden (d_model)")
+    rounds: Int = Field(5, ge=0, description="mogrifier rounds; 0 is exactly an LSTM")
+    rank: Int | None = Field(None, gt=0, description="low rank of the mogrifier matrices; None = full")
     tie_weights: bool = True
-    params_budget: int | None = Field(
+    params_budget: Int | None = Field(
         None, gt=0, description="solve hidden (d_model for the transformer) for this parameter count"
     )
-    d_model: int = Field(256, gt=0, description="transformer width")
-    heads: int = Field(4, gt=0, description="transformer attention heads")
-    ff: int | None = Field(None, gt=0, description="transformer feed-forward size; None = 4 * d_model")
+    d_model: Int = Field(256, gt=0, description="transformer width")
+    heads: Int = Field(4, gt=0, description="transformer attention heads")
+    ff: Int | None = Field(None, gt=0, description="transformer feed-forward size; None = 4 * d_model")
     pos_encode: Literal["none", "sinusoidal", "learned"] = "sinusoidal"
-    max_len: int = Field(512, gt=0, description="longest sequence for learned positions")
+    max_len: Int = Field(512, gt=0, description="longest sequence for learned positions")
     dropout: DropoutConfig = Field(default_factory=DropoutConfig)
 
     @model_validator(mode="after")
@@ -81,16 +99,23 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(40, gt=0)
-    steps_per_epoch: int | None = Field(
+    epochs: Int = Field(40, gt=0)
+    steps_per_epoch: Int | None = Field(
         None, gt=0, description="an 'epoch' of this many steps (data position carries over); None = whole split"
     )
-    seed: int = 1111
+    seed: Int = Field(1111, ge=0, lt=2**63, description="seeds Python, torch and the BPTT lengths")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     amp: bool = Field(False, description="bf16 autocast (GPU only)")
-    threads: int | None = Field(None, gt=0, description="torch CPU threads; None = torch's default")
-    log_interval: int = Field(200, gt=0, description="steps between progress lines")
+    threads: Int | None = Field(None, gt=0, description="torch CPU threads; None = torch's default")
+    log_interval: Int = Field(200, gt=0, description="steps between progress lines")
     progress: bool = Field(True, description="print progress lines")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        if not DEVICE.fullmatch(device):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N (got {files.short_repr(device)})")
+        return device
 
 
 class Config(_Section):
@@ -98,6 +123,19 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("model")
+    @classmethod
+    def _positions_cover_windows(cls, m: ModelConfig, info: ValidationInfo) -> ModelConfig:
+        data = info.data.get("data")  # validated first (declared first); absent when it was invalid
+        if data is None or m.family != "transformer" or m.pos_encode != "learned":
+            return m
+        longest = longest_window(data.bptt, data.variable_bptt)
+        if m.max_len < longest:
+            window = f"data.bptt {data.bptt}" + " + 20 with data.variable_bptt" * data.variable_bptt
+            raise ValueError(f"max_len ({m.max_len}) is shorter than the longest training window, {longest} "
+                             f"tokens ({window}): raise model.max_len or lower data.bptt")
+        return m
 
     # -- dotted names -------------------------------------------------------------------------
     def flat(self) -> dict[str, Any]:
@@ -142,6 +180,27 @@ def make_config(base: dict[str, Any] | Config | None = None, overrides: dict[str
 def field_names() -> list[str]:
     """Every dotted name of the vocabulary, in schema order."""
     return list(Config().flat())
+
+
+def field_help() -> dict[str, str]:
+    """{"model.rounds": "mogrifier rounds; 0 is exactly an LSTM (default: 5)", ...}: the CLI's --help."""
+    out = {}
+
+    def walk(section: type[BaseModel], prefix: str) -> None:
+        for key, info in section.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+                walk(info.annotation, f"{prefix}{key}.")
+                continue
+            choices = getattr(info.annotation, "__args__", ())
+            if info.annotation is bool:
+                choices = ("true", "false")
+            text = info.description or (" | ".join(choices) if choices and all(isinstance(c, str) for c in choices)
+                                        else "")
+            default = None if info.is_required() else info.get_default(call_default_factory=True)
+            out[prefix + key] = f"{text} (default: {default})".lstrip()
+
+    walk(Config, "")
+    return out
 
 
 def error_lines(err: ValidationError, source: str, prefix: str = "") -> list[str]:

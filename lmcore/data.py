@@ -1,7 +1,7 @@
 """The corpora: PTB, WikiText-2, or your own text.
 
-Finding the files (data_dir, then $LMCORE_DATA_DIR, then the per-user cache, downloading into it when
-they are nowhere), checking each against its sha256, and turning them into token ids exactly as
+Finding the files (data_dir, then $LMCORE_DATA_DIR, then the per-user cache, all searched in that order,
+downloading into the cache when they are nowhere), checking each against its sha256, and turning them into token ids exactly as
 pytorch/examples word_language_model does: every line split on whitespace with `<eos>` appended, the
 vocabulary taken from the training split in order of first appearance. The tokenised corpus is cached,
 keyed by the files' checksums, so a second load is a torch.load.
@@ -11,7 +11,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,8 @@ import pooch
 import torch
 
 from . import files
+
+log = logging.getLogger("lmcore")
 
 SPLITS = ("train", "valid", "test")
 EOS = "<eos>"
@@ -144,10 +148,9 @@ def _offline() -> bool:
 
 
 def _search_dirs(dataset: Dataset, data_dir) -> list[Path]:
-    # The data dir the user named (argument first, else the environment), then the cache; each as a
-    # root holding `ptb/`, `wikitext-2/` ... or as the dataset's own folder.
-    user_dir = data_dir if data_dir is not None else os.environ.get("LMCORE_DATA_DIR")
-    roots = [Path(user_dir)] if user_dir else []
+    # data_dir, then $LMCORE_DATA_DIR, then the cache, all of them in this order; each as a root holding
+    # `ptb/`, `wikitext-2/` ... or as the dataset's own folder.
+    roots = [Path(d) for d in (data_dir, os.environ.get("LMCORE_DATA_DIR")) if d]
     if dataset.splits["train"].url is not None:  # only downloadable datasets live in the cache
         roots.append(cache_dir())
     return [folder for root in roots for folder in (root / dataset.folder, root)]
@@ -185,11 +188,12 @@ def find_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str
     if missing and not can_download:
         names = ", ".join(dataset.splits[split].filename for split in missing)
         looked = "\n  ".join(str(d) for d in dirs) or "(nowhere: no data_dir given and LMCORE_DATA_DIR is unset)"
+        where = (f"put them in one of the folders above, or pass data_dir (data.dir) or set LMCORE_DATA_DIR to a "
+                 f"folder holding {dataset.folder}/ or the files themselves (both are searched, in that order)")
         if dataset.splits["train"].url is None:
-            fix = "pass data_dir (data.dir) / set LMCORE_DATA_DIR to the folder holding your train.txt, valid.txt, test.txt"
+            fix = where.replace("them", "your train.txt, valid.txt, test.txt", 1)
         else:
-            fix = (f"pass data_dir / set LMCORE_DATA_DIR to the folder holding {dataset.folder}/ (or the files), "
-                   f"or unset LMCORE_OFFLINE to download them into {cache_dir()}")
+            fix = f"{where}; or unset LMCORE_OFFLINE to download them into {cache_dir()}"
         expected = "".join(f"\n  {dataset.splits[s].filename}: sha256 {dataset.splits[s].sha256}"
                            for s in missing if dataset.splits[s].sha256)
         raise DataError(f"{name}: cannot find {names} (plain or .gz); looked in:\n  {looked}"
@@ -201,15 +205,24 @@ def find_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str
 
 def read_verified(path: Path, sha256: str | None) -> tuple[bytes, str]:
     """The uncompressed bytes of `path` and their sha256, which must be `sha256` when given."""
-    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error):  # BadGzipFile is an OSError; a truncated file is an EOFError
+            raise DataError(f"{path}: checksum failure: not a readable gzip file (truncated or changed bytes)"
+                            + _expected(sha256)) from None
     digest = hashlib.sha256(data).hexdigest()
     if sha256 is not None and digest != sha256:
-        raise DataError(
-            f"{path}: checksum mismatch: the uncompressed text has sha256 {digest}, expected {sha256}.\n"
-            f"The file is corrupt or a different version. Fix: delete it (lmcore then re-downloads it into "
-            f"{cache_dir()}) or pass data_dir / set LMCORE_DATA_DIR to a good copy."
-        )
+        raise DataError(f"{path}: checksum mismatch: the uncompressed text has sha256 {digest}" + _expected(sha256))
     return data, digest
+
+
+def _expected(sha256: str | None) -> str:
+    if sha256 is None:
+        return "."
+    return (f", expected {sha256}.\nThe file is corrupt or a different version. Fix: delete it (lmcore then "
+            f"re-downloads it into {cache_dir()}) or pass data_dir / set LMCORE_DATA_DIR to a good copy.")
 
 
 def _lines(data: bytes):
@@ -251,10 +264,26 @@ def load_corpus(name: str, data_dir: str | os.PathLike | None = None) -> Corpus:
         texts[split], digests[split] = read_verified(paths[split], dataset.splits[split].sha256)
 
     cached = corpus_cache_path(name, digests)
-    try:
-        saved = torch.load(cached, weights_only=True)
-        itos, tensors = saved["itos"], saved
-    except FileNotFoundError:
+    saved = _read_cache(cached)
+    if saved is None:
         itos, tensors = _tokenize(texts, paths)
-        files.write_atomically(cached, lambda f: torch.save({"itos": itos, **tensors}, f))
-    return Corpus(name, tensors["train"], tensors["valid"], tensors["test"], Vocab(itos))
+        saved = {"itos": itos, **tensors}
+        files.write_atomically(cached, lambda f: torch.save(saved, f))
+    return Corpus(name, saved["train"], saved["valid"], saved["test"], Vocab(saved["itos"]))
+
+
+def _read_cache(path: Path) -> dict | None:
+    """A cached tokenised corpus, or None when there is none; a bad entry (truncated, corrupt) is removed
+    with a warning, to be rebuilt."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        if not (isinstance(saved.get("itos"), list)
+                and all(isinstance(saved.get(s), torch.Tensor) and saved[s].dim() == 1 for s in SPLITS)):
+            raise ValueError("unexpected contents")
+        return saved
+    except Exception:  # torch raises RuntimeError, EOFError, UnpicklingError ... for a damaged file
+        log.warning("%s: the cached tokenised corpus is unreadable; removed, rebuilding it", path)
+        path.unlink(missing_ok=True)
+        return None

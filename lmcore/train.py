@@ -15,12 +15,11 @@ from typing import Any, Callable, TypedDict
 import torch
 from torch import Tensor, nn
 
-from .batching import batchify, bptt_windows, eval_batches
-from .checkpoint import FORMAT, load_checkpoint, read_file
-from .config import Config, make_config
-from . import files
+from . import checkpoint
+from .batching import batchify, bptt_windows, eval_batches, longest_window
+from .config import Config, SettingError, make_config
 from .data import Corpus, DataError, load_corpus
-from .models import LanguageModel, build_model, detach_state
+from .models import LanguageModel, build_model, detach_state, solve_budget
 
 log = logging.getLogger("lmcore")
 
@@ -53,12 +52,37 @@ Report = Callable[[EpochMetrics, Callable[[Path], None]], None]
 
 
 def resolve_device(name: str) -> torch.device:
+    """`train.device` on this machine; SettingError for a GPU it does not have."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but no CUDA device is available")
+        raise SettingError(f"train.device: {name!r} but no CUDA device is available here (use cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SettingError(f"train.device: {name!r} but this machine has {torch.cuda.device_count()} CUDA "
+                           f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def check_fits(config: Config, corpus: Corpus, eval_batch_size: int | None = None) -> None:
+    """SettingError (naming the field) when the settings cannot run on this corpus: batches larger than a
+    split, or a parameter budget below the smallest model. Cheap: no model is built."""
+    data = config.data
+    need = data.batch_size * (data.bptt + 1)
+    if corpus.train.numel() < need:
+        raise SettingError(f"data.batch_size: {data.batch_size} columns of data.bptt {data.bptt} (+1) tokens need "
+                           f"{need:,} training tokens; {config.data.name} has {corpus.train.numel():,} "
+                           f"(lower data.batch_size or data.bptt)")
+    for field, size in (("data.eval_batch_size", data.eval_batch_size), ("test batch size", eval_batch_size)):
+        for split in ("valid", "test"):
+            tokens = getattr(corpus, split).numel()
+            if size is not None and size > tokens:
+                raise SettingError(f"{field}: {size} is more than the {tokens:,} tokens of {data.name}'s {split} "
+                                   f"split")
+    try:
+        solve_budget(config.model, len(corpus.vocab))
+    except ValueError as err:
+        raise SettingError(str(err)) from None
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -93,13 +117,21 @@ def evaluate_checkpoint(path: str | Path, splits: tuple[str, ...] = ("valid", "t
                         device: str = "auto") -> tuple[dict[str, dict[str, float]], Config]:
     """The final evaluation: a checkpoint's loss and perplexity on the asked splits (test only when asked),
     with the run's own data, bptt and (by default) evaluation batch size. Returns ({split: result}, config)."""
-    model, vocab, config = load_checkpoint(path, resolve_device(device))
+    model, vocab, config = checkpoint.load_checkpoint(path, resolve_device(device))
     corpus = load_corpus(config.data.name, data_dir or config.data.dir)
     if corpus.vocab != vocab:
         raise DataError(f"{path}: the checkpoint's vocabulary does not match {config.data.name}'s")
     scoring = dict(eos_id=vocab.eos_id, batch_size=batch_size or config.data.eval_batch_size,
                    bptt=config.data.bptt, amp=config.train.amp)
-    return {split: evaluate(model, getattr(corpus, split), **scoring) for split in splits}, config
+    scores = {}
+    for split in splits:  # a long evaluation says what it is doing
+        started = time.perf_counter()
+        log.info("evaluating %s on %s (%s tokens, batch size %d) ...", path, split,
+                 f"{getattr(corpus, split).numel():,}", scoring["batch_size"])
+        scores[split] = evaluate(model, getattr(corpus, split), **scoring)
+        log.info("%s: loss %.4f, ppl %.2f (%.1fs)", split, scores[split]["loss"], scores[split]["ppl"],
+                 time.perf_counter() - started)
+    return scores, config
 
 
 def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -114,54 +146,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def rng_state(windows: torch.Generator) -> dict[str, Any]:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(), "windows": windows.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict[str, Any], windows: torch.Generator) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    windows.set_state(state["windows"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def train(config: Config | dict, report: Report | None = None, resume_from: str | Path | None = None,
           corpus: Corpus | None = None) -> dict[str, Any]:
     """Train one configuration; report after every epoch; return a summary.
 
     A run whose loss blows up (see `diverged`) stops, makes one last report with `diverged=True` and returns
-    `status="diverged"`: it never raises for that.
+    `status="diverged"`: it never raises for that. Settings that cannot run here raise SettingError, and an
+    unusable `resume_from` a CheckpointError, before the first step.
     """
     config = config if isinstance(config, Config) else make_config(config)
     data, optim, run = config.data, config.optim, config.train
+    device = resolve_device(run.device)
+    corpus = corpus or load_corpus(data.name, data.dir)
+    check_fits(config, corpus)
     if run.threads:
         torch.set_num_threads(run.threads)
-    device = resolve_device(run.device)
     seed_everything(run.seed)
     windows = torch.Generator().manual_seed(run.seed)  # draws the random BPTT lengths
 
-    corpus = corpus or load_corpus(data.name, data.dir)
     model = build_model(config, len(corpus.vocab)).to(device)
     optimizer = make_optimizer(config, model)
     train_data = batchify(corpus.train, data.batch_size).to(device)
     params = model.num_parameters()
     loop = {"epoch": 0, "position": 0, "lr": optim.lr, "best_valid_loss": math.inf, "elapsed_s": 0.0}
     if resume_from is not None:
-        saved = read_file(resume_from)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        loop = saved["loop"]
-        set_rng_state(saved["rng"], windows)
+        loop = checkpoint.restore(resume_from, model=model, optimizer=optimizer, windows=windows, vocab=corpus.vocab)
         log.info("resumed from %s after epoch %d", resume_from, loop["epoch"])
 
     def save_checkpoint(path: Path) -> None:
-        # Written atomically: a crash mid-write never leaves a truncated checkpoint behind.
-        payload = {"format": FORMAT, "config": config.model_dump(), "model_config": model.config.model_dump(),
-                   "vocab": corpus.vocab.itos, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                   "loop": dict(loop), "rng": rng_state(windows)}
-        files.write_atomically(path, lambda f: torch.save(payload, f))
+        checkpoint.save(path, config=config, model=model, optimizer=optimizer, vocab=corpus.vocab, loop=loop,
+                        windows=windows)
 
     if run.progress:
         log.info("%s: %s parameters, %d training tokens, device %s", model.config.family, f"{params:,}",
@@ -194,8 +208,9 @@ def train(config: Config | dict, report: Report | None = None, resume_from: str 
             "diverged": blew_up,
         }
         if run.progress:
-            log.info("| end of epoch %d | %.1fs | valid loss %.3f | valid ppl %.2f | lr %.3g", epoch, seconds,
-                     metrics["valid_loss"], metrics["valid_ppl"], loop["lr"])
+            log.info("| end of epoch %d/%d | %.1fs | valid loss %.3f | valid ppl %.2f | lr %.3g | run ETA %s",
+                     epoch, run.epochs, seconds, metrics["valid_loss"], metrics["valid_ppl"], loop["lr"],
+                     duration((run.epochs - epoch) * (time.perf_counter() - started)))
         if report is not None:
             report(metrics, save_checkpoint)
         if blew_up:
@@ -215,9 +230,13 @@ def train_epoch(model: LanguageModel, optimizer: torch.optim.Optimizer, train_da
     data, run = config.data, config.train
     model.train()
     steps_wanted = run.steps_per_epoch
+    position = loop["position"] if loop["position"] < train_data.shape[0] - 1 else 0
+    total = steps_wanted or expected_steps(train_data.shape[0] - 1 - position, data.bptt, data.variable_bptt)
+    about = "~" * (not steps_wanted and data.variable_bptt)  # random window lengths: an estimate
     loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
     steps = tokens = 0
-    interval_start, interval_tokens = time.perf_counter(), 0
+    epoch_start = interval_start = time.perf_counter()
+    interval_tokens = 0
 
     def mean_loss() -> float:
         return loss_sum.item() / max(tokens, 1)
@@ -251,15 +270,32 @@ def train_epoch(model: LanguageModel, optimizer: torch.optim.Optimizer, train_da
                     return mean_loss(), tokens  # diverged: stop now rather than at the end of the epoch
                 if run.progress:
                     now = time.perf_counter()
-                    log.info("| epoch %d | step %d | lr %.3g | %.0f tok/s | loss %.3f | ppl %.1f", epoch, steps,
-                             loop["lr"], interval_tokens / (now - interval_start), mean_loss(),
-                             safe_exp(mean_loss()))
+                    eta = (now - epoch_start) / steps * max(total - steps, 0)
+                    log.info("| epoch %d/%d | step %d/%s%d | lr %.3g | %.0f tok/s | loss %.3f | ppl %.1f | "
+                             "epoch ETA %s", epoch, run.epochs, steps, about, total, loop["lr"],
+                             interval_tokens / (now - interval_start), mean_loss(), safe_exp(mean_loss()),
+                             duration(eta))
                     interval_start, interval_tokens = now, 0
             if steps_wanted and steps >= steps_wanted:
                 return mean_loss(), tokens
         if not steps_wanted:
             return mean_loss(), tokens
         loop["position"] = 0  # wrap around and keep going until steps_per_epoch steps
+
+
+def expected_steps(rows: int, bptt: int, variable: bool) -> int:
+    """How many windows cover `rows` rows: exact for a fixed bptt; for variable lengths (mostly bptt, one in
+    twenty about bptt / 2) an estimate."""
+    mean = 0.975 * bptt if variable else bptt
+    return max(1, math.ceil(rows / mean))
+
+
+def duration(seconds: float) -> str:
+    """3725 -> '1h02m', 192 -> '3m12s', 7.2 -> '7s'."""
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def safe_exp(loss: float) -> float:

@@ -79,6 +79,9 @@ def solve_budget(config: ModelConfig, vocab_size: int) -> ModelConfig:
     def count(units: int) -> int:
         return count_parameters(config.model_copy(update={field: units * step, "params_budget": None}), vocab_size)
 
+    if count(1) > config.params_budget:
+        raise ValueError(f"model.params_budget: {config.params_budget:,} is below the smallest {config.family} "
+                         f"model on this vocabulary ({count(1):,} parameters at width {step})")
     low, high = 1, 1
     while count(high) < config.params_budget:  # the count grows with the width: bracket, then bisect
         low, high = high, high * 2
