@@ -1,10 +1,13 @@
-"""Single-run command line: `python -m lmcore train|evaluate ...`.
+"""Single-run command line: `python -m lmcore train|evaluate ...` (or `lmcore train|evaluate ...`).
 
 Every setting of the config vocabulary is a flag of its own dotted name (`--model.rounds 3`), settable
 also from a YAML file (`--config run.yaml`) or as `--set model.rounds=3`. The seed's spelling is
 accepted too: `--dataset`, `--model-type Mogrify|RNN|SAN`, `--rnn-type`, `--pos-encode`,
 `--hidden-size`, `--d-model`, `--heads`, `--depth`, `--gpu`, and `-mode train -run_name X`.
 The run name decides the folder: runs/NAME/ holds config.yaml, train.log, metrics.jsonl, last.pt, best.pt.
+
+Everything is checked (settings, device, data, sizes) before runs/NAME/ is created, and a run that fails
+before its first epoch ends leaves nothing behind. Exit codes: see `ExitCode`.
 """
 from __future__ import annotations
 
@@ -12,8 +15,11 @@ import argparse
 import json
 import logging
 import math
+import os
+import re
 import shutil
 import sys
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +27,11 @@ import yaml
 from pydantic import ValidationError
 
 from . import files
-from .config import Config, error_lines, field_names, flatten, make_config, parse_override, parse_value
-from .data import DataError
-from .train import evaluate_checkpoint, train
+from .checkpoint import saved_config
+from .config import (DEVICE, Config, SettingError, did_you_mean, error_lines, field_help, flatten, make_config,
+                     parse_override, parse_value)
+from .data import Corpus, DataError, load_corpus
+from .train import check_fits, evaluate_checkpoint, resolve_device, train
 
 log = logging.getLogger("lmcore")
 
@@ -32,24 +40,65 @@ SEED_ALIASES = {  # the seed's flag -> the config vocabulary
     "dataset": "data.name", "pos_encode": "model.pos_encode", "hidden_size": "model.hidden",
     "d_model": "model.d_model", "heads": "model.heads", "depth": "model.layers",
 }
+# What a resumed run may change: nothing that changes the model's shapes, the optimiser or the training data.
+RESUMABLE = ("train.", "data.dir", "data.eval_batch_size")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+RUN_FILES = ("last.pt", "metrics.jsonl", "train.log")  # beside config.yaml, these make a folder an lmcore run
+
+
+class ExitCode(IntEnum):
+    """The exit codes of both command lines (lmcore and lmtune)."""
+
+    OK = 0  # a usable result (or check / report / compare / --help succeeded)
+    ERROR = 1  # an unexpected error: a bug, with its traceback
+    BAD_INPUT = 2  # one message naming the file and field; nothing written, nothing launched
+    NO_RESULT = 3  # finished without a usable result: the run diverged, or every trial errored or diverged
+    INTERRUPTED = 130  # Ctrl-C: run the same command again to resume
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one message, exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, not argparse's usage block (which lists every setting of the vocabulary).
+        unknown = [a[2:] for a in message.split() if a.startswith("--")]
+        if message.startswith("unrecognized arguments") and unknown:
+            message += did_you_mean(unknown[0].partition("=")[0])
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(ExitCode.BAD_INPUT)
+
+
+def positive_int(text: str) -> int:
+    if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer (got {files.short_repr(text)})")
+    return int(text)
+
+
+def device_name(text: str) -> str:
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N (got {files.short_repr(text)})")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lmcore", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="python -m lmcore", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    tr = commands.add_parser("train", help="train one configuration, then evaluate its best checkpoint")
+    tr = commands.add_parser("train", allow_abbrev=False,
+                             help="train one configuration, then evaluate its best checkpoint",
+                             usage="%(prog)s --run-name NAME [--config FILE] [--set KEY=VALUE] [--SETTING V] ...")
     tr.add_argument("--run-name", required=True, help="runs/NAME/ holds this run's checkpoints and logs")
     tr.add_argument("--runs-dir", default="runs", help="parent folder of run folders (default: runs)")
     tr.add_argument("--config", help="YAML file of settings (nested sections or dotted names)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any setting, repeatable")
-    tr.add_argument("--resume", action="store_true", help="continue runs/NAME/last.pt")
-    tr.add_argument("--overwrite", action="store_true", help="replace an existing runs/NAME/")
-    tr.add_argument("--test-batch-size", type=int, default=None,
+    tr.add_argument("--resume", action="store_true",
+                    help="continue runs/NAME/last.pt with the run's own settings; only train.*, data.dir and "
+                         "data.eval_batch_size may be given anew (e.g. more train.epochs)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace an existing runs/NAME/ (only once the new run has finished its first epoch)")
+    tr.add_argument("--test-batch-size", type=positive_int, default=None,
                     help="batch size of the final valid/test evaluation (default: data.eval_batch_size)")
     seed = tr.add_argument_group("the seed's options")
     seed.add_argument("--dataset", choices=["ptb", "wikitext-2", "text"])
@@ -57,26 +106,29 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--rnn-type", type=str.lower, choices=["lstm", "gru", "rnn"], default="lstm")
     seed.add_argument("--pos-encode", choices=["none", "sinusoidal", "learned"])
     for flag in ("--hidden-size", "--d-model", "--heads", "--depth"):
-        seed.add_argument(flag, type=int)
+        seed.add_argument(flag, type=positive_int)
     seed.add_argument("--gpu", type=int, help="CUDA device index (negative: CPU)")
-    settings = tr.add_argument_group("settings (the config vocabulary; defaults from lmcore/config.py)")
-    for name in field_names():
-        settings.add_argument(f"--{name}", dest=name, metavar="V", default=None)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, text in field_help().items():
+        section = name.rpartition(".")[0]
+        if section not in groups:
+            groups[section] = tr.add_argument_group(f"{section} settings (lmcore/config.py)")
+        groups[section].add_argument(f"--{name}", dest=name, metavar="V", default=None, help=text.replace("%", "%%"))
 
-    ev = commands.add_parser("evaluate", help="valid and test perplexity of a saved checkpoint")
+    ev = commands.add_parser("evaluate", allow_abbrev=False, help="valid and test perplexity of a saved checkpoint")
     ev.add_argument("--run-name", help="evaluate runs/NAME/best.pt")
     ev.add_argument("--runs-dir", default="runs")
     ev.add_argument("--checkpoint", help="path of a checkpoint file (instead of --run-name)")
-    ev.add_argument("--batch-size", type=int, default=None, help="default: the run's data.eval_batch_size")
-    ev.add_argument("--data-dir", help="where the data is (default: the run's data.dir / $LMCORE_DATA_DIR)")
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--batch-size", type=positive_int, default=None, help="default: the run's data.eval_batch_size")
+    ev.add_argument("--data-dir", help="where the data is (default: the run's data.dir, $LMCORE_DATA_DIR, the cache)")
+    ev.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     ev.add_argument("--splits", nargs="+", default=["valid", "test"], choices=["train", "valid", "test"])
     return parser
 
 
 def translate_seed_argv(argv: list[str]) -> list[str]:
     """`-mode train -run_name X -model_type Mogrify` -> `train --run-name X --model-type Mogrify`."""
-    if "-mode" not in argv:
+    if "-mode" not in argv or argv.index("-mode") + 1 >= len(argv):
         return argv
     i = argv.index("-mode")
     mode, rest = argv[i + 1], argv[:i] + argv[i + 2:]
@@ -93,107 +145,237 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    tree: dict[str, Any] = {}
-    if args.config:
-        try:
-            tree = files.read_yaml(args.config)
-        except files.FileError as err:
-            raise UsageError(f"--config {err}") from None
-    overrides: dict[str, Any] = {}
+# -- settings ------------------------------------------------------------------------------------------
+
+
+def file_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The dotted settings of --config (nested sections and dotted keys alike)."""
+    if not args.config:
+        return {}
+    try:
+        return flatten(files.read_yaml(args.config))
+    except files.FileError as err:
+        raise UsageError(f"--config {err}") from None
+
+
+def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (the seed's, the vocabulary's, --set), in that order of precedence."""
+    settings: dict[str, Any] = {}
     for flag, name in SEED_ALIASES.items():
         if getattr(args, flag) is not None:
-            overrides[name] = getattr(args, flag)
+            settings[name] = getattr(args, flag)
     if args.model_type:
-        overrides["model.family"] = MODEL_TYPES[args.model_type] or args.rnn_type
+        settings["model.family"] = MODEL_TYPES[args.model_type] or args.rnn_type
     if args.gpu is not None:
-        overrides["train.device"] = f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu"
+        settings["train.device"] = f"cuda:{args.gpu}" if args.gpu >= 0 else "cpu"
+    for name in field_help():
+        if getattr(args, name) is not None:
+            try:
+                settings[name] = parse_value(name, getattr(args, name))
+            except ValueError as err:
+                raise UsageError(f"--{name}: {err}") from None
+    for text in args.set:
+        try:
+            name, value = parse_override(text)
+        except ValueError as err:
+            raise UsageError(f"--set {files.short_repr(text)}: {err}") from None
+        settings[name] = value
+    return settings
+
+
+def validated(base: Config | dict, settings: dict[str, Any], source: str) -> Config:
     try:
-        for name in field_names():
-            if getattr(args, name) is not None:
-                overrides[name] = parse_value(name, getattr(args, name))
-        overrides.update(parse_override(text) for text in args.set)
-        # flatten() accepts nested sections and dotted keys alike in the file.
-        return make_config({}, flatten(tree) | overrides)
+        return make_config(base, settings)
     except ValidationError as err:
-        raise UsageError("\n".join(error_lines(err, args.config or "command line"))) from None
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+        raise UsageError("\n".join(error_lines(err, source))) from None
+    except ValueError as err:  # a setting below a value (`model: 3` then `model.rounds`)
+        raise UsageError(f"{source}: {err}") from None
+
+
+def new_config(from_file: dict[str, Any], from_flags: dict[str, Any], config_path: str | None) -> Config:
+    base = validated({}, from_file, config_path or "--config")  # a bad file is named as such
+    return validated(base, from_flags, "command line")
+
+
+def resumed_config(last: Path, given: dict[str, Any]) -> Config:
+    """The run's own config (from its checkpoint) with the settings given now; refuses any that would change
+    the model or the data."""
+    saved = saved_config(last)
+    config = validated(saved, given, "command line")
+    changed = [name for name in given if not name.startswith(RESUMABLE) and saved.flat()[name] != config.flat()[name]]
+    if changed:
+        was = ", ".join(f"{name}={saved.flat()[name]!r} (given {config.flat()[name]!r})" for name in changed)
+        raise UsageError(f"--resume: {last.parent} was trained with {was}; a resumed run keeps its model, "
+                         f"optimiser and data, and may change only train.*, data.dir and data.eval_batch_size. "
+                         f"Start a new run (another --run-name) to change the others.")
+    return config
+
+
+def preflight(config: Config, test_batch_size: int | None) -> Corpus:
+    """Everything that can fail before the first step, checked before anything is written."""
+    resolve_device(config.train.device)
+    corpus = load_corpus(config.data.name, config.data.dir)
+    check_fits(config, corpus, test_batch_size)
+    return corpus
+
+
+# -- the run folder --------------------------------------------------------------------------------------
+
+
+def run_folder(runs_dir: str, name: str) -> Path:
+    if not RUN_NAME.fullmatch(name) or ".." in name:
+        raise UsageError(f"--run-name {files.short_repr(name)}: expected one folder name of letters, digits and "
+                         f". _ + - (starting with a letter or digit, no '..')")
+    return Path(runs_dir) / name
+
+
+def is_run_folder(path: Path) -> bool:
+    """Recognisably an lmcore run: what --overwrite may remove."""
+    return (path.is_dir() and not path.is_symlink() and (path / "config.yaml").is_file()
+            and any((path / name).is_file() for name in RUN_FILES))
+
+
+class RunFolder:
+    """runs/NAME/ for a new run: created when the run starts; with --overwrite the old folder is set aside
+    and deleted only once the new run has finished an epoch. `abandon` undoes both."""
+
+    def __init__(self, path: Path):
+        self.path, self.old, self.created = path, None, []
+
+    def create(self) -> None:
+        if self.path.exists():  # --overwrite of a checked run folder
+            self.old = self.path.with_name(f".{self.path.name}.replaced-{os.getpid()}")
+            self.path.rename(self.old)
+        for folder in reversed([self.path, *self.path.parents]):
+            if not folder.exists():
+                folder.mkdir()
+                self.created.append(folder)
+
+    def started(self) -> None:
+        if self.old is not None:
+            shutil.rmtree(self.old)
+        self.old, self.created = None, []
+
+    def abandon(self) -> None:
+        for folder in reversed(self.created):
+            shutil.rmtree(folder, ignore_errors=True)
+        if self.old is not None:
+            self.old.rename(self.path)
+        self.old, self.created = None, []
+
+
+# -- commands -----------------------------------------------------------------------------------------------
 
 
 def run_train(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
-    run_dir = Path(args.runs_dir) / args.run_name
+    run_dir = run_folder(args.runs_dir, args.run_name)
     last = run_dir / "last.pt"
-    if run_dir.exists() and not (args.resume or args.overwrite):
-        raise UsageError(f"{run_dir} already exists: pass --resume to continue it, --overwrite to replace it, "
-                         f"or choose another --run-name")
-    if args.resume and not last.is_file():
-        raise UsageError(f"--resume: {last} does not exist")
-    if args.overwrite and not args.resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(), sort_keys=False))
-    file_log = logging.FileHandler(run_dir / "train.log")
-    logging.getLogger().addHandler(file_log)
+    from_file, from_flags = file_settings(args), flag_settings(args)
+    if args.resume and args.overwrite:
+        raise UsageError("give only one of --resume (continue the run) and --overwrite (replace it)")
+    if args.resume:
+        if not last.is_file():
+            raise UsageError(f"--resume: {last} does not exist (no epoch of {run_dir} finished)")
+        config = resumed_config(last, from_file | from_flags)
+    else:
+        if run_dir.exists() and not args.overwrite:
+            raise UsageError(f"{run_dir} already exists: pass --resume to continue it, --overwrite to replace it, "
+                             f"or choose another --run-name")
+        if run_dir.exists() and not is_run_folder(run_dir):
+            raise UsageError(f"--overwrite: {run_dir} is not an lmcore run folder (config.yaml with one of "
+                             f"{', '.join(RUN_FILES)}); refusing to delete it")
+        config = new_config(from_file, from_flags, args.config)
+    corpus = preflight(config, args.test_batch_size)
+
+    folder = RunFolder(run_dir)
+    if not args.resume:
+        folder.create()
+    file_log = None
     try:
-        return train_and_evaluate(args, config, run_dir)
+        files.write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
+        file_log = logging.FileHandler(run_dir / "train.log")
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logging.getLogger().addHandler(file_log)
+        return train_and_evaluate(args, config, corpus, run_dir, folder)
+    except KeyboardInterrupt:
+        folder.abandon()  # a no-op once an epoch has finished
+        hint = (f"run the same command with --resume to continue from {last}" if last.is_file()
+                else "nothing was kept (no epoch had finished)")
+        print(f"\ninterrupted: {hint}", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except BaseException:
+        folder.abandon()
+        raise
     finally:
-        logging.getLogger().removeHandler(file_log)
-        file_log.close()
+        if file_log is not None:
+            logging.getLogger().removeHandler(file_log)
+            file_log.close()
 
 
-def train_and_evaluate(args: argparse.Namespace, config: Config, run_dir: Path) -> int:
+def train_and_evaluate(args: argparse.Namespace, config: Config, corpus: Corpus, run_dir: Path,
+                       folder: RunFolder) -> int:
     last, best = run_dir / "last.pt", run_dir / "best.pt"
     best_loss = math.inf
 
-    def report(metrics: dict[str, Any], save_checkpoint) -> None:
+    def report(metrics, save_checkpoint) -> None:
         nonlocal best_loss
+        save_checkpoint(last)
         with open(run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        save_checkpoint(last)
         if metrics["valid_loss"] < best_loss:
             best_loss = metrics["valid_loss"]
-            shutil.copyfile(last, best)
+            files.copy_file(last, best)
+        folder.started()
 
-    if args.resume:
+    if args.resume and (run_dir / "metrics.jsonl").is_file():
         history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
         best_loss = min((m["valid_loss"] for m in history), default=math.inf)
-    summary = train(config, report=report, resume_from=last if args.resume else None)
+    summary = train(config, report=report, resume_from=last if args.resume else None, corpus=corpus)
     log.info("training %s after %d epochs: best valid ppl %.2f", summary["status"], summary["epochs"],
              summary["best_valid_ppl"])
     if best.is_file():
-        final = print_evaluation(best, ["valid", "test"], args.test_batch_size, None, config.train.device)
-        (run_dir / "final.json").write_text(json.dumps(final | {"status": summary["status"]}, indent=2))
-    return 0
+        scores, _ = evaluate_checkpoint(best, ("valid", "test"), batch_size=args.test_batch_size,
+                                        device=config.train.device, data_dir=config.data.dir)
+        batch_size = args.test_batch_size or config.data.eval_batch_size
+        for line in table(best, scores, batch_size):
+            log.info("%s", line)
+        final = {"checkpoint": str(best), "batch_size": batch_size, **scores, "status": summary["status"]}
+        files.write_text(run_dir / "final.json", json.dumps(final, indent=2))
+    if summary["status"] == "diverged":
+        log.error("the run diverged at epoch %d: no usable result beyond best.pt (if any)", summary["epochs"])
+        return ExitCode.NO_RESULT
+    return ExitCode.OK
 
 
-def print_evaluation(path: Path, splits: list[str], batch_size: int | None, data_dir: str | None,
-                     device: str) -> dict[str, Any]:
-    """Evaluate a checkpoint on `splits` and print a small table; returns what was printed."""
-    scores, config = evaluate_checkpoint(path, tuple(splits), batch_size=batch_size, data_dir=data_dir, device=device)
-    batch_size = batch_size or config.data.eval_batch_size
-    print(f"{'split':<8}{'loss':>10}{'ppl':>12}{'tokens':>12}   ({path}, batch size {batch_size})")
-    for split, r in scores.items():
-        print(f"{split:<8}{r['loss']:>10.4f}{r['ppl']:>12.2f}{r['tokens']:>12,}")
-    return {"checkpoint": str(path), "batch_size": batch_size, **scores}
+def table(path: Path, scores: dict[str, dict[str, float]], batch_size: int) -> list[str]:
+    lines = [f"{'split':<8}{'loss':>10}{'ppl':>12}{'tokens':>12}   ({path}, batch size {batch_size})"]
+    lines += [f"{split:<8}{r['loss']:>10.4f}{r['ppl']:>12.2f}{r['tokens']:>12,}" for split, r in scores.items()]
+    return lines
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     if bool(args.run_name) == bool(args.checkpoint):
         raise UsageError("evaluate: give exactly one of --run-name or --checkpoint")
-    path = Path(args.checkpoint) if args.checkpoint else Path(args.runs_dir) / args.run_name / "best.pt"
+    path = Path(args.checkpoint) if args.checkpoint else run_folder(args.runs_dir, args.run_name) / "best.pt"
     if not path.is_file():
         raise UsageError(f"{path}: no such checkpoint")
-    print_evaluation(path, args.splits, args.batch_size, args.data_dir, args.device)
-    return 0
+    scores, config = evaluate_checkpoint(path, tuple(args.splits), batch_size=args.batch_size,
+                                         data_dir=args.data_dir, device=args.device)
+    print("\n".join(table(path, scores, args.batch_size or config.data.eval_batch_size)))
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(translate_seed_argv(list(sys.argv[1:] if argv is None else argv)))
     try:
-        return run_train(args) if args.command == "train" else run_evaluate(args)
-    except (UsageError, DataError) as err:
+        args = build_parser().parse_args(translate_seed_argv(list(sys.argv[1:] if argv is None else argv)))
+    except SystemExit as done:  # --help, or a malformed command line (already reported)
+        return done.code if isinstance(done.code, int) else ExitCode.BAD_INPUT
+    try:
+        return int(run_train(args) if args.command == "train" else run_evaluate(args))
+    except (UsageError, DataError, SettingError, files.FileError) as err:  # CheckpointError is a DataError
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 from ray import tune
 
 import lmcore
+from lmcore.checkpoint import CheckpointError, read_file
 from lmcore.config import make_config
 from lmtune.space import trial_settings
 
@@ -41,12 +43,27 @@ def train_lm(config: dict[str, Any], base: dict[str, Any]) -> None:
         lmcore.train(run_config, report=report)
         return
     with checkpoint.as_directory() as folder:
-        last = json.loads((Path(folder) / METRICS_FILE).read_text())
-        if last["epoch"] >= run_config.train.epochs:
+        last = _last_good(Path(folder))
+        if last is not None and last["epoch"] >= run_config.train.epochs:
             # Resumed from its final checkpoint (the driver died as it finished): report the end again.
             tune.report(last)
             return
-        lmcore.train(run_config, report=report, resume_from=Path(folder) / CHECKPOINT_FILE)
+        if last is not None:
+            lmcore.train(run_config, report=report, resume_from=Path(folder) / CHECKPOINT_FILE)
+            return
+    lmcore.train(run_config, report=report)  # its checkpoint was unreadable: from scratch
+
+
+def _last_good(folder: Path) -> dict[str, Any] | None:
+    """The metrics of a Tune checkpoint whose model file is readable; None, with a warning, otherwise."""
+    try:
+        last = json.loads((folder / METRICS_FILE).read_text())
+        read_file(folder / CHECKPOINT_FILE)  # restore checks the rest
+        return last if isinstance(last, dict) and isinstance(last.get("epoch"), int) else None
+    except (CheckpointError, OSError, ValueError) as err:
+        logging.getLogger("lmtune").warning("%s: unreadable checkpoint (%s); the trial starts again from scratch",
+                                            folder, err)
+        return None
 
 
 def _trial_resources() -> tuple[float, float]:
