@@ -367,6 +367,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.setLevel(logging.INFO)  # also when the caller configured logging already (train.log needs these lines)
     try:
         args = build_parser().parse_args(translate_seed_argv(list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as done:  # --help, or a malformed command line (already reported)
