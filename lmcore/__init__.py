@@ -5,11 +5,11 @@
     summary = lmcore.train(config, report=callback)
     model, vocab, config = lmcore.load_checkpoint("runs/NAME/best.pt")
 """
-from .checkpoint import Loaded, load_checkpoint
+from .checkpoint import CheckpointError, Loaded, load_checkpoint
 from .config import Config, make_config
 from .data import Corpus, DataError, Vocab, load_corpus
 from .models import build_model
 from .train import evaluate, evaluate_checkpoint, train
 
-__all__ = ["Config", "Corpus", "DataError", "Loaded", "Vocab", "build_model", "evaluate", "evaluate_checkpoint", "load_checkpoint",
-           "load_corpus", "make_config", "train"]
+__all__ = ["CheckpointError", "Config", "Corpus", "DataError", "Loaded", "Vocab", "build_model", "evaluate",
+           "evaluate_checkpoint", "load_checkpoint", "load_corpus", "make_config", "train"]

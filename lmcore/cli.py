@@ -28,8 +28,18 @@ from pydantic import ValidationError
 
 from . import files
 from .checkpoint import saved_config
-from .config import (DEVICE, Config, SettingError, did_you_mean, error_lines, field_help, flatten, make_config,
-                     parse_override, parse_value)
+from .config import (
+    DEVICE,
+    Config,
+    SettingError,
+    did_you_mean,
+    error_lines,
+    field_help,
+    flatten,
+    make_config,
+    parse_override,
+    parse_value,
+)
 from .data import Corpus, DataError, load_corpus
 from .train import check_fits, evaluate_checkpoint, resolve_device, train
 

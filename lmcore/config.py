@@ -10,8 +10,16 @@ import difflib
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from . import files
 from .batching import longest_window
@@ -80,7 +88,7 @@ class ModelConfig(_Section):
     dropout: DropoutConfig = Field(default_factory=DropoutConfig)
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> "ModelConfig":
+    def _heads_divide_width(self) -> ModelConfig:
         if self.family == "transformer" and self.params_budget is None and self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
         return self
@@ -142,7 +150,7 @@ class Config(_Section):
         """{"model.rounds": 5, "model.dropout.state": 0.0, ...}: the columns of result tables."""
         return flatten(self.model_dump())
 
-    def updated(self, overrides: dict[str, Any]) -> "Config":
+    def updated(self, overrides: dict[str, Any]) -> Config:
         """A new, validated Config with dotted-name overrides applied."""
         return make_config(self.model_dump(), overrides)
 

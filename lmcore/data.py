@@ -1,9 +1,9 @@
 """The corpora: PTB, WikiText-2, or your own text.
 
 Finding the files (data_dir, then $LMCORE_DATA_DIR, then the per-user cache, all searched in that order,
-downloading into the cache when they are nowhere), checking each against its sha256, and turning them into token ids exactly as
-pytorch/examples word_language_model does: every line split on whitespace with `<eos>` appended, the
-vocabulary taken from the training split in order of first appearance. The tokenised corpus is cached,
+downloading into the cache when they are nowhere), checking each against its sha256, and turning them into
+token ids exactly as pytorch/examples word_language_model does: every line split on whitespace with `<eos>`
+appended, the vocabulary taken from the training split in order of first appearance. The tokenised corpus is cached,
 keyed by the files' checksums, so a second load is a torch.load.
 """
 from __future__ import annotations

@@ -9,14 +9,15 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypedDict
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
 
 from . import checkpoint
-from .batching import batchify, bptt_windows, eval_batches, longest_window
+from .batching import batchify, bptt_windows, eval_batches
 from .config import Config, SettingError, make_config
 from .data import Corpus, DataError, load_corpus
 from .models import LanguageModel, build_model, detach_state, solve_budget

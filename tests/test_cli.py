@@ -8,8 +8,8 @@ import tomllib
 
 import pytest
 import yaml
-from conftest import REPO_ROOT
 
+from conftest import REPO_ROOT
 from lmcore import cli
 from lmcore.cli import main, translate_seed_argv
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import REPO_ROOT
 from lmcore.cli import main
 
 TIMEOUT = 600 * float(os.environ.get("LMCORE_TEST_TIMEOUT_SCALE", "1"))  # generous: a loaded laptop is normal
