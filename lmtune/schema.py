@@ -51,7 +51,7 @@ class SchedulerSpec(_Strict):
     reduction_factor: float = Field(3, gt=1)
 
     @model_validator(mode="after")
-    def _grace_within_max(self) -> "SchedulerSpec":
+    def _grace_within_max(self) -> SchedulerSpec:
         if self.grace_period > self.max_epochs:
             raise ValueError(f"grace_period ({self.grace_period}) exceeds max_epochs ({self.max_epochs})")
         return self
@@ -62,7 +62,7 @@ class ResourcesSpec(_Strict):
     gpus: float = Field(0, ge=0, description="GPUs per trial; a fraction shares one GPU between trials")
 
     @model_validator(mode="after")
-    def _whole_gpus_above_one(self) -> "ResourcesSpec":
+    def _whole_gpus_above_one(self) -> ResourcesSpec:
         if self.gpus > 1 and not float(self.gpus).is_integer():
             raise ValueError(f"gpus above 1 must be a whole number (got {self.gpus})")
         return self

@@ -45,7 +45,7 @@ class FloatSpec(_Spec):
     step: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _valid_range(self) -> "FloatSpec":
+    def _valid_range(self) -> FloatSpec:
         _check_range(self.low, self.high, self.log)
         if self.log and self.step is not None:
             raise ValueError("step cannot be combined with log: true")
@@ -60,7 +60,7 @@ class IntSpec(_Spec):
     step: int = Field(1, gt=0)
 
     @model_validator(mode="after")
-    def _valid_range(self) -> "IntSpec":
+    def _valid_range(self) -> IntSpec:
         _check_range(self.low, self.high, self.log)
         if self.log and self.step != 1:
             raise ValueError("step cannot be combined with log: true")
@@ -72,7 +72,7 @@ class CategoricalSpec(_Spec):
     choices: list[Any] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _plain_unique_choices(self) -> "CategoricalSpec":
+    def _plain_unique_choices(self) -> CategoricalSpec:
         for choice in self.choices:
             if not isinstance(choice, OPTUNA_CHOICE_TYPES):
                 raise ValueError(f"choices must be null, booleans, numbers or strings (got {choice!r})")

@@ -101,7 +101,7 @@ def test_fast_path_equals_reference_forward_and_gradients_float32(monkeypatch, r
     names = ["out", "h_T", "c_T", "d x", "d h0", "d c0", *(f"d {n}" for n, _ in layer.named_parameters())]
     assert len(fast) == len(names)
     for name, a, b in zip(names, fast, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("rounds,rank,mask", list(itertools.product(ROUNDS, RANKS, [False, True])))
@@ -352,7 +352,7 @@ def test_cpp_loops_vectorised_and_batch_chunked_equal_the_reference(monkeypatch,
     torch.testing.assert_close(h_no_grad, fast[1].detach())
     names = ["out", "h_T", "c_T", "d x", "d h0", "d c0", *(f"d {n}" for n, _ in layer.named_parameters())]
     for name, a, b in zip(names, fast, ref):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @needs_cpp

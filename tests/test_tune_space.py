@@ -4,7 +4,14 @@ import pytest
 import yaml
 
 from lmtune.space import (
-    CategoricalSpec, FixedSpec, FloatSpec, IntSpec, SearchSpace, SpaceError, parse_params, trial_settings,
+    CategoricalSpec,
+    FixedSpec,
+    FloatSpec,
+    IntSpec,
+    SearchSpace,
+    SpaceError,
+    parse_params,
+    trial_settings,
 )
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
