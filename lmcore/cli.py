@@ -236,6 +236,8 @@ def run_folder(runs_dir: str, name: str) -> Path:
     if not RUN_NAME.fullmatch(name) or ".." in name:
         raise UsageError(f"--run-name {files.short_repr(name)}: expected one folder name of letters, digits and "
                          f". _ + - (starting with a letter or digit, no '..')")
+    if Path(runs_dir).exists() and not Path(runs_dir).is_dir():
+        raise UsageError(f"--runs-dir {runs_dir}: not a folder")
     return Path(runs_dir) / name
 
 

@@ -124,6 +124,10 @@ def evaluate_checkpoint(path: str | Path, splits: tuple[str, ...] = ("valid", "t
         raise DataError(f"{path}: the checkpoint's vocabulary does not match {config.data.name}'s")
     scoring = dict(eos_id=vocab.eos_id, batch_size=batch_size or config.data.eval_batch_size,
                    bptt=config.data.bptt, amp=config.train.amp)
+    for split in splits:
+        if scoring["batch_size"] > getattr(corpus, split).numel():
+            raise SettingError(f"batch size: {scoring['batch_size']} is more than the "
+                               f"{getattr(corpus, split).numel():,} tokens of the {split} split")
     scores = {}
     for split in splits:  # a long evaluation says what it is doing
         started = time.perf_counter()

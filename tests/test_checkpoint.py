@@ -105,3 +105,9 @@ def test_a_trial_with_an_unreadable_checkpoint_starts_from_scratch(run, tmp_path
         assert trainable._last_good(folder) is None
         assert "starts again from scratch" in caplog.text
     assert not marker.exists()
+
+
+def test_evaluate_refuses_a_batch_larger_than_the_split(run, capsys):
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--batch-size", str(10**9)]) == 2
+    err = capsys.readouterr().err
+    assert "batch size" in err and "valid split" in err and "Traceback" not in err

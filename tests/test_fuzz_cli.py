@@ -161,6 +161,7 @@ def evaluate_cases():
                                                     None, ["evaluate"])),
         st.just(Case(["--checkpoint", "/nonexistent/best.pt"], "/nonexistent/best.pt", None, ["evaluate"])),
         st.just(Case(["--run-name", "../.."], "--run-name", None, ["evaluate"])),
+        st.just(Case(["--runs-dir", "CONFIG"], "--runs-dir", b"a file", ["train", "--run-name", "x"])),
     )
 
 
