@@ -84,7 +84,7 @@ class ModelConfig(_Section):
     heads: Int = Field(4, gt=0, description="transformer attention heads")
     ff: Int | None = Field(None, gt=0, description="transformer feed-forward size; None = 4 * d_model")
     pos_encode: Literal["none", "sinusoidal", "learned"] = "sinusoidal"
-    max_len: Int = Field(512, gt=0, description="longest sequence for learned positions")
+    max_len: Int = Field(512, gt=0, description="longest window the transformer's positions cover")
     dropout: DropoutConfig = Field(default_factory=DropoutConfig)
 
     @model_validator(mode="after")
@@ -136,7 +136,7 @@ class Config(_Section):
     @classmethod
     def _positions_cover_windows(cls, m: ModelConfig, info: ValidationInfo) -> ModelConfig:
         data = info.data.get("data")  # validated first (declared first); absent when it was invalid
-        if data is None or m.family != "transformer" or m.pos_encode != "learned":
+        if data is None or m.family != "transformer" or m.pos_encode == "none":
             return m
         longest = longest_window(data.bptt, data.variable_bptt)
         if m.max_len < longest:
