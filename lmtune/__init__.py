@@ -6,8 +6,8 @@
     results = load_results(exp.folder)          # pandas DataFrames
     results.trials.sort_values("best_valid_ppl").head()
 """
-from lmtune.schema import Experiment, ExperimentError, load_experiment
 from lmtune.results import Results, compare_frame, load_results
+from lmtune.schema import Experiment, ExperimentError, load_experiment
 
 __all__ = [
     "Experiment",
