@@ -145,8 +145,9 @@ class Experiment:
         return Path(self.spec.storage) / self.spec.name
 
     def snapshot(self) -> dict[str, Any]:
-        """What resuming must not change; saved as experiment.yaml in the folder."""
-        spec = self.spec.model_dump(mode="json", exclude={"search_space", "description"})
+        """What resuming must not change; saved as experiment.yaml in the folder. The fixed settings are in `base`,
+        resolved (however a file spells them: nested, dotted, through `extends`)."""
+        spec = self.spec.model_dump(mode="json", exclude={"search_space", "description", "fixed"})
         return {**spec, "space": self.space.describe().splitlines(), "base": self.base.flat()}
 
 
