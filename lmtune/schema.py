@@ -291,7 +291,10 @@ def _search_space(spec: ExperimentSpec, base: Config, source: str, pinned: dict[
         space_path = Path(spec.search_space)
         if not space_path.is_file():
             raise ExperimentError(f"{source}: search_space: no such file: {space_path}")
-        raw, space_source = _read_yaml(space_path, str(space_path)), str(space_path)
+        try:
+            raw, space_source = files.read_yaml(space_path), str(space_path)
+        except files.FileError as err:
+            raise ExperimentError(f"{source}: search_space: {err}") from None
     try:
         params = parse_params(SpaceFile.model_validate(raw).params, space_source)
     except ValidationError as err:
