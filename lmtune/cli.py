@@ -69,7 +69,7 @@ def check(args: argparse.Namespace) -> int:
     print(f"{exp.source}: valid. {exp.spec.trials} trials of {exp.spec.dataset}, folder {exp.folder}")
     print("search space:\n  " + exp.space.describe().replace("\n", "\n  "))
     if exp.pinned:
-        print("pinned with --set (out of the search space):\n" + _lines(exp.pinned))
+        print("pinned with --set (fixed for every trial, never searched):\n" + _lines(exp.pinned))
     defaults = Config().flat()
     shown = {"data.name"} | ({"model.family"} if "model.family" in exp.space.constants else set())
     changed = {k: v for k, v in exp.base.flat().items() if v != defaults[k] or k in shown}

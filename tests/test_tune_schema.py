@@ -206,7 +206,7 @@ def test_the_readme_example_pins_a_searched_setting(capsys):
     assert all(d.get("model.dropout.state") is None for d in exp.space.draw(8))
     assert main(["check", str(path), "--set", "trials=32", "--set", "model.dropout.state=0.3"]) == 0
     out = capsys.readouterr().out
-    assert "pinned with --set (out of the search space):\n  model.dropout.state: 0.3" in out
+    assert "pinned with --set (fixed for every trial, never searched):\n  model.dropout.state: 0.3" in out
 
 
 def test_a_condition_on_a_pinned_setting_uses_the_pinned_value():
