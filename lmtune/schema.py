@@ -165,7 +165,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     pinned: dict[str, Any] = {}
     if overrides:
         source += " (with --set " + " ".join(overrides) + ")"
-        pinned = _apply_overrides(raw, overrides)
+        pinned = _apply_overrides(raw, overrides, path.parent)
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as err:
@@ -226,8 +226,9 @@ def _read_yaml(path: Path, source: str) -> dict[str, Any]:
         raise ExperimentError(str(err)) from None
 
 
-def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply each `key=value` to `raw`; returns the lmcore settings pinned this way."""
+def _apply_overrides(raw: dict[str, Any], overrides: list[str], folder: Path) -> dict[str, Any]:
+    """Apply each `key=value` to `raw` (a search_space path is relative to the experiment's `folder`, as in the
+    file); returns the lmcore settings pinned this way."""
     names = set(field_names())
     pinned = {}
     for item in overrides:
@@ -250,6 +251,8 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raw["family"] = value  # the experiment's family, pinned too
             pinned[key] = value
         else:
+            if key == "search_space" and isinstance(value, str):
+                value = str(folder / value)
             try:
                 set_dotted(raw, key, value)
             except ValueError as err:
