@@ -42,7 +42,8 @@ def plus(command: str, extra: str, gpu: bool = False) -> Run:
 
 README_TRAIN = ("python -m lmcore train --run-name mog --dataset ptb --model-type Mogrify --hidden-size 650 --depth 2 "
                 "--model.rounds 5 --model.rank 84 --model.dropout.state 0.2 --optim.lr 1e-3 --optim.beta1 0")
-TINY_TRAIN = "--hidden-size 32 --model.rank 8 --train.epochs 1 --train.steps_per_epoch 3 --runs-dir {tmp}/runs"
+TINY_TRAIN = ("--hidden-size 32 --model.rank 8 --train.epochs 1 --train.steps_per_epoch 3 --test-batch-size 200 "
+              "--runs-dir {tmp}/runs")
 BENCH_TINY = "--quick --repeats 1 --budget 0.2"
 BENCH_LOOP = ("for cpp in 1 0; do LMCORE_MOGRIFIER_CPP=$cpp python -m lmcore train --run-name e2e_$cpp --dataset ptb "
               "--set model.family=mogrifier --set model.hidden=256 --set model.layers=2 --set model.rounds=5 "
@@ -62,7 +63,7 @@ HOW: dict[str, Run | Skip] = {
         Run(("python tune.py compare {tiny} {tiny} {tiny} --out {tmp}/comparison",)),
     README_TRAIN: plus(README_TRAIN, TINY_TRAIN),
     "python -m lmcore evaluate --run-name mog --batch-size 1":
-        Run((f"{README_TRAIN} {TINY_TRAIN}", "python -m lmcore evaluate --run-name mog --batch-size 20 --runs-dir "
+        Run((f"{README_TRAIN} {TINY_TRAIN}", "python -m lmcore evaluate --run-name mog --batch-size 200 --runs-dir "
              "{tmp}/runs")),
     "pip install -e '.[bench]'": Skip("installs packages"),
     "python benchmarks/mogrifier_speed.py": plus("python benchmarks/mogrifier_speed.py", BENCH_TINY),
@@ -75,7 +76,7 @@ HOW: dict[str, Run | Skip] = {
         plus("python benchmarks/mogrifier_speed.py --device cuda --amp", BENCH_TINY, gpu=True),
     BENCH_LOOP: Run((BENCH_LOOP.replace("--run-name", "--runs-dir {tmp}/runs --run-name")
                      .replace("model.hidden=256", "model.hidden=32")
-                     .replace("train.steps_per_epoch=80", "train.steps_per_epoch=3 --set data.eval_batch_size=64"),)),
+                     .replace("train.steps_per_epoch=80", "train.steps_per_epoch=3 --test-batch-size 200"),)),
     "python -m pytest -q tests/test_mogrifier.py": Skip("part of this test suite"),
 }
 
@@ -140,10 +141,10 @@ def run_step(step: str, tmp_path: Path, capsys) -> None:
 
         assert main(words[2:]) == 0, step + "\n" + "\n".join(capsys.readouterr())
         return
-    bin_dir = tmp_path / "bin"  # `python` in a shell command is this interpreter
+    bin_dir = tmp_path / "bin"  # `python` in a shell command is this interpreter (a script: a symlink loses the venv)
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "python").unlink(missing_ok=True)
-    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    (bin_dir / "python").chmod(0o755)
     env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     result = run_process(["bash", "-c", step], cwd=REPO, env=env)
     assert result.returncode == 0, f"{step}\n{process_output(result.stdout, result.stderr)}"
