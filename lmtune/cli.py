@@ -12,10 +12,14 @@ import os
 import sys
 from pathlib import Path
 
+from lmcore import files
+from lmcore.config import Config
 from lmcore.data import DataError
-from lmtune.schema import ExperimentError, load_experiment
+from lmcore.exitcodes import ExitCode
+from lmtune.schema import Experiment, ExperimentError, load_experiment
 
 COMMANDS = ("run", "check", "report", "compare")
+WIDTH_DRAWS = 16  # random draws of the space over which `check` shows each family's width
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,10 +31,14 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except (ExperimentError, DataError) as err:  # nothing was launched
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return ExitCode.BAD_INPUT
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume.", file=sys.stderr)
+        return ExitCode.INTERRUPTED
 
 
 def run(args: argparse.Namespace) -> int:
+    num_cpus = _num_cpus(args.num_cpus)
     exp = load_experiment(args.experiment, args.set)  # everything validated before Ray starts
     from lmtune.report import report
     from lmtune.runner import run_experiment
@@ -39,23 +47,63 @@ def run(args: argparse.Namespace) -> int:
         exp,
         restart=args.restart,
         address=args.address,
-        num_cpus=args.num_cpus,
+        num_cpus=num_cpus,
         dashboard=not args.no_dashboard,
         dashboard_host=args.dashboard_host,
         dashboard_port=args.dashboard_port,
     )
     if not finished:
         print(f"\n{exp.name} was interrupted: run the same command again to resume it.", file=sys.stderr)
-        return 1
-    _print_summary(exp.folder, report(exp.folder))  # the test split is touched here, once the search is over
-    return 0
+        return ExitCode.INTERRUPTED
+    summary = report(exp.folder)  # the test split is touched here, once the search is over
+    _print_summary(exp.folder, summary)
+    if summary["best"] is None:
+        counts = ", ".join(f"{n} {status}" for status, n in summary["status"].items())
+        print(f"\n{exp.name}: no usable trial ({counts}); see {exp.folder}/trials.md", file=sys.stderr)
+        return ExitCode.NO_RESULT
+    return ExitCode.OK
 
 
 def check(args: argparse.Namespace) -> int:
     exp = load_experiment(args.experiment, args.set)
     print(f"{exp.source}: valid. {exp.spec.trials} trials of {exp.spec.dataset}, folder {exp.folder}")
     print("search space:\n  " + exp.space.describe().replace("\n", "\n  "))
-    return 0
+    if exp.pinned:
+        print("pinned with --set (fixed for every trial, never searched):\n" + _lines(exp.pinned))
+    defaults = Config().flat()
+    shown = {"data.name"} | ({"model.family"} if "model.family" in exp.space.constants else set())
+    changed = {k: v for k, v in exp.base.flat().items() if v != defaults[k] or k in shown}
+    print("fixed settings (those that differ from lmcore's defaults; trials also get train.threads and "
+          "train.device from resources):\n" + _lines(changed))
+    widths = _widths(exp)
+    if widths:
+        print(f"width solved from model.params_budget={exp.base.model.params_budget:,} "
+              f"(over {WIDTH_DRAWS} draws of the space):\n" + _lines(widths))
+    return ExitCode.OK
+
+
+def _widths(exp: Experiment) -> dict[str, str]:
+    """The width (hidden; d_model for the transformer) each family gets, as a range over random draws."""
+    from lmcore.data import DATASETS
+    from lmcore.models.lm import solve_budget
+
+    if exp.base.model.params_budget is None:
+        return {}
+    vocab = DATASETS[exp.spec.dataset].vocab_size
+    if vocab is None:
+        return {"all families": "solved per trial once the corpus is read (its vocabulary size is not known yet)"}
+    seen: dict[str, set[int]] = {}
+    for settings in exp.space.draw(WIDTH_DRAWS):
+        model = solve_budget(exp.base.updated(settings).model, vocab)
+        width = model.d_model if model.family == "transformer" else model.hidden
+        seen.setdefault(model.family, set()).add(width)
+    name = {"transformer": "d_model"}
+    return {family: f"{name.get(family, 'hidden')} {min(w)}" + (f"..{max(w)}" if len(w) > 1 else "")
+            for family, w in seen.items()}
+
+
+def _lines(settings: dict) -> str:
+    return "\n".join(f"  {k}: {v}" for k, v in settings.items())
 
 
 def report_command(args: argparse.Namespace) -> int:
@@ -91,10 +139,12 @@ def _print_summary(folder: Path, summary: dict) -> None:
 
 
 def _experiment_folder(path: str) -> Path:
+    from lmtune.results import ray_folder
+
     folder = Path(path)
     if not folder.is_dir():
         raise ExperimentError(f"{path}: no such experiment folder")
-    if not any(folder.glob("experiment_state-*.json")):
+    if not any(ray_folder(folder).glob("experiment_state-*.json")):
         raise ExperimentError(f"{path}: not an experiment folder (no Ray experiment state in it yet)")
     return folder.resolve()
 
@@ -114,8 +164,7 @@ def _parser() -> argparse.ArgumentParser:
     run_parser = experiment_command("run", run, "run or resume an experiment (the default command)")
     run_parser.add_argument("--restart", action="store_true", help="delete the experiment's folder and start afresh")
     run_parser.add_argument("--address", default=None, help="an existing Ray cluster (else $RAY_ADDRESS, else local)")
-    run_parser.add_argument("--num-cpus", type=int, default=_env_int("LMTUNE_NUM_CPUS"),
-                            help="CPUs of the local Ray (default: all; $LMTUNE_NUM_CPUS)")
+    run_parser.add_argument("--num-cpus", default=None, help="CPUs of the local Ray (default: all; $LMTUNE_NUM_CPUS)")
     run_parser.add_argument("--no-dashboard", action="store_true", default=os.environ.get("LMTUNE_DASHBOARD") == "0",
                             help="do not start Ray's dashboard ($LMTUNE_DASHBOARD=0)")
     run_parser.add_argument("--dashboard-host", default="127.0.0.1", help="0.0.0.0 exposes it to the network")
@@ -134,6 +183,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value else None
+def _num_cpus(flag: str | None) -> int | None:
+    """--num-cpus, else $LMTUNE_NUM_CPUS, else None (all): a whole number of at least 1."""
+    text, where = (flag, "--num-cpus") if flag is not None else (os.environ.get("LMTUNE_NUM_CPUS"), "LMTUNE_NUM_CPUS")
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ExperimentError(f"{where}: expected a whole number of CPUs, at least 1 (got {files.short_repr(text)})")
+    return value

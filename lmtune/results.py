@@ -65,7 +65,7 @@ def load_results(folder: str | Path) -> Results:
     snapshot_file = folder / "experiment.yaml"
     experiment = yaml.safe_load(snapshot_file.read_text()) if snapshot_file.exists() else {}
     max_epochs = experiment.get("scheduler", {}).get("max_epochs")
-    analysis = ExperimentAnalysis(str(folder))
+    analysis = ExperimentAnalysis(str(ray_folder(folder)))
     frames = analysis.trial_dataframes
     rows, curves = [], []
     for trial in analysis.trials:
@@ -77,6 +77,12 @@ def load_results(folder: str | Path) -> Results:
     summary_file = folder / SUMMARY_FILE
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     return Results(folder, trials, history, experiment, summary, analysis)
+
+
+def ray_folder(folder: str | Path) -> Path:
+    """Where Ray's experiment lives: folder/ray, or the folder itself for results written before that layout."""
+    folder = Path(folder)
+    return folder / "ray" if (folder / "ray").is_dir() else folder
 
 
 def compare_frame(folders: list[str | Path]) -> pd.DataFrame:

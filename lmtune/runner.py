@@ -1,19 +1,15 @@
-"""Run or resume one experiment: Ray up, corpus warm, a Tuner with OptunaSearch + ASHA fitted (or restored)."""
+"""Run, resume or grow one experiment: Ray up, corpus warm, a Tuner with OptunaSearch + ASHA fitted (or restored).
+
+The folder (lmtune/folder.py) is checked and locked first; Ray's experiment lives in results/NAME/ray/."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-from pathlib import Path
 
-import yaml
-
-from lmcore.config import flatten
-from lmtune.schema import Experiment, ExperimentError
-from lmtune.search import STUDY_FILE, make_scheduler, make_searcher
-
-SNAPSHOT_FILE = "experiment.yaml"  # the validated experiment, compared on resume
-NEVER_STARTED = {SNAPSHOT_FILE, STUDY_FILE}  # all a folder holds if it stopped before Ray's first snapshot
+from lmtune.folder import RAY_FOLDER, STUDY_FILE, FolderLock, Plan, check_folder, prepare_folder
+from lmtune.results import ray_folder
+from lmtune.schema import Experiment
+from lmtune.search import make_scheduler, make_searcher, set_trials
 
 
 def run_experiment(
@@ -26,33 +22,48 @@ def run_experiment(
     dashboard_host: str = "127.0.0.1",
     dashboard_port: int = 8265,
 ) -> bool:
-    """Run `exp` (resuming it if its folder holds an interrupted run). True when every trial has finished;
-    False when the run was interrupted (Ctrl-C): running the same command again resumes it."""
+    """Run `exp` (resuming it if its folder holds an interrupted run, growing it if `trials` grew). True when
+    every trial has finished; False when the run was interrupted (Ctrl-C): the same command resumes it."""
     import ray
-    from ray import tune
 
     import lmcore
-    from lmtune.trainable import train_lm
 
     data = exp.base.data
     lmcore.load_corpus(data.name, data.dir)  # tokenised (and cached) on this node; missing data fails here
-    resume = prepare_folder(exp, restart)
+    check_folder(exp, restart)
+    with FolderLock(exp.folder):
+        plan = prepare_folder(exp, restart)
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter, trimmed to our columns
+        started = not ray.is_initialized()  # a caller (notebook, test) may have started Ray already
+        if started:
+            start_ray(address, num_cpus, dashboard, dashboard_host, dashboard_port)
+        try:
+            return _fit(exp, plan)
+        finally:
+            if started:
+                ray.shutdown()
 
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter, trimmed to our columns
-    started = not ray.is_initialized()  # a caller (notebook, test) may have started Ray already
-    if started:
-        start_ray(address, num_cpus, dashboard, dashboard_host, dashboard_port)
+
+def _fit(exp: Experiment, plan: Plan) -> bool:
+    from ray import tune
+
+    from lmtune.trainable import train_lm
+
     folder = exp.folder
     print(f"Experiment folder: {folder}")
     print(f"  TensorBoard:      tensorboard --logdir {folder}")
     print(f"  Optuna dashboard: optuna-dashboard sqlite:///{folder / STUDY_FILE}")
-    warm_other_nodes(data.name, data.dir)
+    warm_other_nodes(exp.base.data.name, exp.base.data.dir)
 
     resources = {"cpu": exp.spec.resources.cpus, "gpu": exp.spec.resources.gpus}
     trainable = tune.with_resources(tune.with_parameters(train_lm, base=exp.base.model_dump()), resources)
-    if resume:
-        print(f"Resuming {exp.name}: finished trials are kept, unfinished ones continue from their checkpoints.")
-        tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=False)
+    if plan.resume:
+        if plan.grow_from is not None:
+            print(f"Growing {exp.name} from {plan.grow_from} to {exp.spec.trials} trials: every trial is kept.")
+        else:
+            print(f"Resuming {exp.name}: finished trials are kept, unfinished ones continue from their checkpoints.")
+        tuner = tune.Tuner.restore(str(ray_folder(folder)), trainable, resume_unfinished=True, resume_errored=False)
+        set_trials(tuner, exp.spec.trials)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -62,12 +73,11 @@ def run_experiment(
                 search_alg=make_searcher(exp, folder),
                 scheduler=make_scheduler(exp),
                 num_samples=exp.spec.trials,
-                max_concurrent_trials=exp.spec.max_concurrent,
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
             ),
             run_config=tune.RunConfig(
-                name=exp.name,
-                storage_path=exp.spec.storage,
+                name=RAY_FOLDER,
+                storage_path=str(folder),
                 checkpoint_config=tune.CheckpointConfig(
                     num_to_keep=exp.spec.checkpoints.keep,  # Ray also keeps the latest, to resume from
                     checkpoint_score_attribute="valid_ppl",
@@ -79,44 +89,7 @@ def run_experiment(
             ),
         )
     results = tuner.fit()
-    if started:
-        ray.shutdown()
     return results.num_terminated + results.num_errors >= exp.spec.trials
-
-
-def prepare_folder(exp: Experiment, restart: bool) -> bool:
-    """True to resume. A fresh run never writes over an existing folder unless `restart` says so."""
-    from ray import tune
-
-    folder = exp.folder
-    if folder.exists() and restart:
-        shutil.rmtree(folder)
-        print(f"--restart: removed {folder}")
-    if folder.exists() and {p.name for p in folder.iterdir()} <= NEVER_STARTED:
-        shutil.rmtree(folder)  # stopped before Ray ran anything: only our own files, nothing to keep
-    if not folder.exists():
-        folder.mkdir(parents=True)
-        (folder / SNAPSHOT_FILE).write_text(yaml.safe_dump(exp.snapshot(), sort_keys=False))
-        return False
-    if not tune.Tuner.can_restore(str(folder)):
-        raise ExperimentError(
-            f"{folder}: exists but holds no run that can be resumed (stopped before its first snapshot?); "
-            "pass --restart to start it afresh"
-        )
-    _check_same_experiment(exp, folder)
-    return True
-
-
-def _check_same_experiment(exp: Experiment, folder: Path) -> None:
-    saved_file = folder / SNAPSHOT_FILE
-    saved = flatten(yaml.safe_load(saved_file.read_text()) or {}) if saved_file.exists() else {}
-    now = flatten(yaml.safe_load(yaml.safe_dump(exp.snapshot())))  # the types YAML reads back
-    changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-    if changed:
-        raise ExperimentError(
-            f"{exp.source}: differs from the run being resumed in {folder} ({', '.join(changed)}); "
-            "resume with the original settings, or pass --restart to start afresh"
-        )
 
 
 def start_ray(address: str | None, num_cpus: int | None, dashboard: bool, host: str, port: int) -> None:

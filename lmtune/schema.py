@@ -5,16 +5,25 @@ Every problem becomes one line naming the file and the field (`experiments/x.yam
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lmcore import files
 from lmcore.config import Config, Family, did_you_mean, error_lines, field_names, flatten, make_config, set_dotted
 from lmcore.train import EpochMetrics
-from lmtune.space import CategoricalSpec, SearchSpace, SpaceError, parse_params
+from lmtune.space import CategoricalSpec, FixedSpec, Param, SearchSpace, SpaceError, parse_params
 
 LMCORE_SECTIONS = ("data", "model", "optim", "train")
 # A study ranks trials by one of the validation metrics that `lmcore.train` reports each epoch.
@@ -28,6 +37,11 @@ MANAGED = {
     "train.progress": "the tuner (trials log through Ray, not progress lines)",
 }
 SAMPLES_CHECKED = 32  # random draws from the space, each validated as a whole config
+MAX_EXTENDS = 8  # files in one `extends` chain
+MAX_LINES = 20  # an error message lists at most this many problems (a file of 100k typos is one message)
+# Whole numbers must be written as such (`trials: true` is not 1) and reals must be finite.
+Int = Annotated[int, Strict()]
+Real = Annotated[float, Strict(), AllowInfNan(False)]
 
 
 class ExperimentError(Exception):
@@ -40,15 +54,15 @@ class _Strict(BaseModel):
 
 class SearcherSpec(_Strict):
     sampler: Literal["tpe", "random"] = Field("tpe", description="tpe: multivariate, grouped (conditional) TPE")
-    seed: int | None = 0
-    n_startup_trials: int = Field(10, ge=0, description="random trials before TPE starts modelling")
+    seed: Int | None = Field(0, ge=0, le=2**32 - 1)
+    n_startup_trials: Int = Field(10, ge=0, le=1_000_000, description="random trials before TPE starts modelling")
 
 
 class SchedulerSpec(_Strict):
     type: Literal["asha", "fifo"] = Field("asha", description="asha stops weak trials early; fifo never does")
-    max_epochs: int = Field(gt=0, description="epochs of a trial that is never stopped (= train.epochs)")
-    grace_period: int = Field(1, gt=0, description="epochs before ASHA may stop a trial")
-    reduction_factor: float = Field(3, gt=1)
+    max_epochs: Int = Field(gt=0, le=1_000_000, description="epochs of a trial that is never stopped (= train.epochs)")
+    grace_period: Int = Field(1, gt=0, description="epochs before ASHA may stop a trial")
+    reduction_factor: Real = Field(3, gt=1, le=100)
 
     @model_validator(mode="after")
     def _grace_within_max(self) -> SchedulerSpec:
@@ -58,8 +72,8 @@ class SchedulerSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    cpus: float = Field(1, gt=0, description="CPUs per trial (= torch threads)")
-    gpus: float = Field(0, ge=0, description="GPUs per trial; a fraction shares one GPU between trials")
+    cpus: Real = Field(1, ge=0.01, le=1024, description="CPUs per trial (= torch threads)")
+    gpus: Real = Field(0, ge=0, le=1024, description="GPUs per trial; a fraction shares one GPU between trials")
 
     @model_validator(mode="after")
     def _whole_gpus_above_one(self) -> ResourcesSpec:
@@ -69,15 +83,15 @@ class ResourcesSpec(_Strict):
 
 
 class CheckpointSpec(_Strict):
-    keep: int = Field(3, ge=1, description="best checkpoints (by valid_ppl) kept per trial, plus the latest")
+    keep: Int = Field(3, ge=1, le=1000, description="best checkpoints (by valid_ppl) kept per trial, plus the latest")
 
 
 class FailureSpec(_Strict):
-    max_failures: int = Field(2, ge=-1, description="retries of a trial whose process dies; -1 = forever")
+    max_failures: Int = Field(2, ge=-1, le=1000, description="retries of a trial whose process dies; -1 = forever")
 
 
 class ReportSpec(_Strict):
-    top_k: int = Field(5, ge=1, description="rows of the top-k table")
+    top_k: Int = Field(5, ge=1, le=1000, description="rows of the top-k table")
 
 
 class ExperimentSpec(_Strict):
@@ -91,8 +105,8 @@ class ExperimentSpec(_Strict):
     mode: Literal["min", "max"] = "min"
     searcher: SearcherSpec = Field(default_factory=SearcherSpec)
     scheduler: SchedulerSpec
-    trials: int = Field(gt=0, description="trials in the whole study")
-    max_concurrent: int | None = Field(None, gt=0, description="None = as many as the resources allow")
+    trials: Int = Field(gt=0, le=1_000_000, description="trials in the whole study")
+    max_concurrent: Int | None = Field(None, gt=0, le=1_000_000, description="None = as many as the resources allow")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     storage: str = Field("results", description="results folder (a shared path on a multi-node cluster)")
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
@@ -120,6 +134,7 @@ class Experiment:
     base: Config
     space: SearchSpace
     source: str  # the experiment file, for messages
+    pinned: dict[str, Any] = field(default_factory=dict)  # lmcore settings pinned with --set
 
     @property
     def name(self) -> str:
@@ -130,8 +145,9 @@ class Experiment:
         return Path(self.spec.storage) / self.spec.name
 
     def snapshot(self) -> dict[str, Any]:
-        """What resuming must not change; saved as experiment.yaml in the folder."""
-        spec = self.spec.model_dump(mode="json", exclude={"search_space", "description"})
+        """What resuming must not change; saved as experiment.yaml in the folder. The fixed settings are in `base`,
+        resolved (however a file spells them: nested, dotted, through `extends`)."""
+        spec = self.spec.model_dump(mode="json", exclude={"search_space", "description", "fixed"})
         return {**spec, "space": self.space.describe().splitlines(), "base": self.base.flat()}
 
 
@@ -139,22 +155,68 @@ class Experiment:
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Experiment:
-    """Read, override (`--set key=value`) and validate an experiment file; ExperimentError if anything is wrong."""
+    """Read, override (`--set key=value`) and validate an experiment file; ExperimentError if anything is wrong.
+
+    An lmcore setting given with --set pins it: it joins the fixed settings and leaves the search space."""
     path = Path(path)
     source = str(path)
-    raw = _read_yaml(path, source)
+    raw = read_experiment_file(path)
     raw.setdefault("name", path.stem)
+    pinned: dict[str, Any] = {}
     if overrides:
         source += " (with --set " + " ".join(overrides) + ")"
-        _apply_overrides(raw, overrides)
+        pinned = _apply_overrides(raw, overrides, path.parent)
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as err:
-        raise ExperimentError("\n".join(error_lines(err, source))) from None
+        raise ExperimentError(message(error_lines(err, source))) from None
     spec.storage = str(Path(spec.storage).expanduser().resolve())
     base = _base_config(spec, source)
-    space = _search_space(spec, base, path, source)
-    return Experiment(spec=spec, base=base, space=space, source=source)
+    space = _search_space(spec, base, source, pinned)
+    return Experiment(spec=spec, base=base, space=space, source=source, pinned=pinned)
+
+
+def message(lines: list[str]) -> str:
+    """The lines of one error message, each once, at most MAX_LINES of them."""
+    lines = list(dict.fromkeys(lines))
+    more = len(lines) - MAX_LINES
+    return "\n".join(lines[:MAX_LINES] + [f"... and {more} more problems"] * (more > 0))
+
+
+def read_experiment_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """An experiment file as a dict, with `extends: base.yaml` (relative to the file) deep-merged under it.
+    A `search_space` path is made relative to the file that states it."""
+    raw = _read_yaml(path, str(path))
+    if isinstance(raw.get("search_space"), str):
+        raw["search_space"] = str(path.parent / raw["search_space"])
+    if "extends" not in raw:
+        return raw
+    parent = raw.pop("extends")
+    if not isinstance(parent, str) or not parent.strip():
+        raise ExperimentError(f"{path}: extends: expected the path of a base experiment file "
+                              f"(got {files.short_repr(parent)})")
+    base_path = path.parent / parent
+    here = (*chain, path.resolve())
+    if base_path.resolve() in here:
+        raise ExperimentError(f"{path}: extends: {parent} leads back to {path} (a cycle); remove one of the extends")
+    if len(here) > MAX_EXTENDS:
+        raise ExperimentError(f"{path}: extends: more than {MAX_EXTENDS} files deep")
+    base = read_experiment_file(base_path, here)
+    if "name" in base:
+        raise ExperimentError(f"{base_path}: name: a base file must not set name (each experiment is named by its "
+                              "own file)")
+    return _merge(base, raw)
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """`child` over `base`, sections merged key by key; `fixed` by dotted name; an inline space replaced whole."""
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "search_space":
+            out[key] = {**flatten(out[key]), **flatten(value)} if key == "fixed" else _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _read_yaml(path: Path, source: str) -> dict[str, Any]:
@@ -164,71 +226,91 @@ def _read_yaml(path: Path, source: str) -> dict[str, Any]:
         raise ExperimentError(str(err)) from None
 
 
-def _apply_overrides(raw: dict[str, Any], overrides: list[str]) -> None:
+def _apply_overrides(raw: dict[str, Any], overrides: list[str], folder: Path) -> dict[str, Any]:
+    """Apply each `key=value` to `raw` (a search_space path is relative to the experiment's `folder`, as in the
+    file); returns the lmcore settings pinned this way."""
     names = set(field_names())
+    pinned = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise ExperimentError(f"--set {item}: expected key=value")
-        if key.split(".")[0] in LMCORE_SECTIONS:  # an lmcore setting: goes to fixed
+        try:
+            value = files.parse_value(text)
+        except files.FileError as err:
+            raise ExperimentError(f"--set {key}: {err}") from None
+        if key.split(".")[0] in LMCORE_SECTIONS:  # an lmcore setting: pinned in fixed
             if key not in names:
                 raise ExperimentError(f"--set {key}: unknown setting{did_you_mean(key, names)}")
-            fixed = raw.setdefault("fixed", {})
+            fixed = raw.get("fixed", {})
             if not isinstance(fixed, dict):
                 raise ExperimentError(f"--set {key}: the experiment's `fixed` is not a mapping")
-            fixed[key] = files.parse_value(text)
+            raw["fixed"] = {**flatten(fixed), key: value}
+            if key == "model.family" and "family" in raw:
+                raw["family"] = value  # the experiment's family, pinned too
+            pinned[key] = value
         else:
+            if key == "search_space" and isinstance(value, str):
+                value = str(folder / value)
             try:
-                set_dotted(raw, key, files.parse_value(text))
+                set_dotted(raw, key, value)
             except ValueError as err:
                 raise ExperimentError(f"--set {item}: {err}") from None
+    return pinned
 
 
 def _base_config(spec: ExperimentSpec, source: str) -> Config:
     fixed = flatten(spec.fixed)
     names = set(field_names())
-    errors = [f"{source}: fixed.{k}: unknown setting{did_you_mean(k, names)}" for k in fixed if k not in names]
+    unknown = [k for k in fixed if k not in names]
+    errors = [f"{source}: fixed.{k}: unknown setting{did_you_mean(k, names)}" for k in unknown[:MAX_LINES]]
+    errors += [f"{source}: fixed.{k}: unknown setting" for k in unknown[MAX_LINES:]]
     decided = {"data.name": spec.dataset, "train.epochs": spec.scheduler.max_epochs}
-    for key, value in decided.items():
-        if key in fixed and fixed[key] != value:
-            errors.append(f"{source}: fixed.{key}: is set by {MANAGED[key]} ({value!r}); remove it")
-    per_trial = [k for k in ("train.threads", "train.device") if k in fixed]
-    errors += [f"{source}: fixed.{k}: is set by {MANAGED[k]}; remove it" for k in per_trial]
-    if spec.family and fixed.get("model.family", spec.family) != spec.family:
-        errors.append(f"{source}: fixed.model.family: contradicts family ({spec.family})")
+    for key in MANAGED:
+        if key in fixed:
+            now = f" ({decided[key]!r})" if key in decided else ""
+            errors.append(f"{source}: fixed.{key}: is set by {MANAGED[key]}{now}; remove it")
+    if spec.family and "model.family" in fixed and fixed["model.family"] != spec.family:
+        errors.append(f"{source}: fixed.model.family: contradicts family ({spec.family}); keep one of them")
     if errors:
-        raise ExperimentError("\n".join(errors))
+        raise ExperimentError(message(errors))
     overrides = {**fixed, **decided, "train.progress": False}
     if spec.family:
         overrides["model.family"] = spec.family
     try:
         base = make_config({}, overrides)
     except ValidationError as err:
-        raise ExperimentError("\n".join(error_lines(err, source, "fixed"))) from None
+        raise ExperimentError(message(error_lines(err, source, "fixed"))) from None
     if base.data.dir is not None:  # trials run in their own working directories
         base.data.dir = str(Path(base.data.dir).expanduser().resolve())
     return base
 
 
-def _search_space(spec: ExperimentSpec, base: Config, path: Path, source: str) -> SearchSpace:
+def _search_space(spec: ExperimentSpec, base: Config, source: str, pinned: dict[str, Any]) -> SearchSpace:
     if isinstance(spec.search_space, dict):
         raw, space_source = spec.search_space, f"{source}: search_space"
     else:
-        space_path = path.parent / spec.search_space
+        space_path = Path(spec.search_space)
         if not space_path.is_file():
             raise ExperimentError(f"{source}: search_space: no such file: {space_path}")
-        raw, space_source = _read_yaml(space_path, str(space_path)), str(space_path)
+        try:
+            raw, space_source = files.read_yaml(space_path), str(space_path)
+        except files.FileError as err:
+            raise ExperimentError(f"{source}: search_space: {err}") from None
     try:
         params = parse_params(SpaceFile.model_validate(raw).params, space_source)
     except ValidationError as err:
-        raise ExperimentError("\n".join(error_lines(err, space_source))) from None
+        raise ExperimentError(message(error_lines(err, space_source))) from None
     except SpaceError as err:
-        raise ExperimentError(str(err)) from None
+        raise ExperimentError(message(err.lines)) from None
 
+    params = _without_pinned(params, pinned)
     errors = _check_params(params, spec, base, space_source)
+    if not spec.family and "model.family" not in {p.name for p in params} | set(flatten(spec.fixed)):
+        errors.append(f"{source}: family: required unless the search space chooses model.family")
     if errors:
-        raise ExperimentError("\n".join(errors))
+        raise ExperimentError(message(errors))
     searched = {p.name for p in params}
     context = {name: base.flat()[name] for p in params for name in p.when if name not in searched}
     constants = {} if "model.family" in searched else {"model.family": base.model.family}
@@ -237,11 +319,29 @@ def _search_space(spec: ExperimentSpec, base: Config, path: Path, source: str) -
     return space
 
 
-def _check_params(params, spec: ExperimentSpec, base: Config, source: str) -> list[str]:
+def _without_pinned(params: list[Param], pinned: dict[str, Any]) -> list[Param]:
+    """The space with the --set settings taken out, and with the parameters that exist only for another value of
+    a pinned setting (or only beside a parameter taken out this way)."""
+    kept, gone = [], set(pinned)
+    never_value = object()  # a parameter taken out takes no value
+    for p in params:
+        never = any(ref in gone and pinned.get(ref, never_value) not in allowed for ref, allowed in p.when.items())
+        if p.name in pinned or never:
+            gone.add(p.name)
+        else:
+            kept.append(p)
+    return kept
+
+
+def _check_params(params: list[Param], spec: ExperimentSpec, base: Config, source: str) -> list[str]:
     names = set(field_names())
     fixed = set(flatten(spec.fixed))
-    errors, seen = [], {}
+    flat = base.flat()
+    errors: list[str] = []
+    seen: dict[str, list[Param]] = {}
     for p in params:
+        if len(errors) >= MAX_LINES:
+            break
         where = f"{source}: params.{p.name}"
         if p.name not in names:
             errors.append(f"{where}: unknown setting{did_you_mean(p.name, names)}")
@@ -249,29 +349,56 @@ def _check_params(params, spec: ExperimentSpec, base: Config, source: str) -> li
         if p.name in MANAGED:
             errors.append(f"{where}: is set by {MANAGED[p.name]}, not searched")
         if p.name in fixed:
-            errors.append(f"{where}: is also in the experiment's fixed settings; keep one of them")
+            errors.append(f"{where}: is also in the experiment's fixed settings; remove it from one of them "
+                          f"(or pin it from the command line: --set {p.name}=VALUE)")
         if p.name == "model.family" and spec.family:
             errors.append(f"{where}: the experiment fixes family: {spec.family}; drop one of them")
-        for ref, allowed in p.when.items():
-            if ref not in names:
-                errors.append(f"{where}.when: unknown setting {ref}{did_you_mean(ref, names)}")
-            elif ref in {q.name for q in params} and ref not in seen:
-                errors.append(f"{where}.when: {ref} must be defined above {p.name}")
-            elif isinstance(getattr(seen.get(ref), "spec", None), CategoricalSpec):
-                if not set(allowed) & set(seen[ref].spec.choices):
-                    errors.append(f"{where}.when: {ref} never takes {list(allowed)}")
-        for value in p.values():
-            try:
-                make_config(base, {p.name: value})
-            except ValidationError as err:
-                # This value's own errors; cross-field checks are left to the joint samples below.
-                own = [e for e in err.errors() if ".".join(map(str, e["loc"])) == p.name]
-                if own:
-                    err = ValidationError.from_exception_data(err.title, own)
-                    errors += [line.replace(f"{source}: {p.name}", where, 1) for line in error_lines(err, source)]
-        seen[p.name] = p
-    if not spec.family and "model.family" not in seen and "model.family" not in fixed:
-        errors.append(f"{spec.name}: family: required unless the search space chooses model.family")
+        errors += _check_when(p, where, names, {q.name for q in params}, seen, flat)
+        errors += _check_values(p, where, base, source)
+        seen.setdefault(p.name, []).append(p)
+    return errors
+
+
+def _check_when(p: Param, where: str, names: set[str], searched: set[str], seen: dict[str, list[Param]],
+                fixed: dict[str, Any]) -> list[str]:
+    """A condition names a known setting (a parameter defined above, or a fixed setting) and can hold."""
+    errors = []
+    for ref, allowed in p.when.items():
+        if ref not in names:
+            errors.append(f"{where}.when: unknown setting {ref}{did_you_mean(ref, names)}")
+        elif ref in seen:
+            if not any(_may_take(q, allowed) for q in seen[ref]):
+                errors.append(f"{where}.when: {ref} never takes {list(allowed)}")
+        elif ref in searched:
+            errors.append(f"{where}.when: {ref} must be defined above {p.name}")
+        elif fixed[ref] not in allowed:
+            errors.append(f"{where}.when: {ref} is fixed to {fixed[ref]!r}, never {list(allowed)}: "
+                          "the parameter would never be used")
+    return errors
+
+
+def _may_take(param: Param, allowed: tuple) -> bool:
+    """Whether `param` can take one of the `allowed` values."""
+    s = param.spec
+    if isinstance(s, CategoricalSpec):
+        return any(c in allowed for c in s.choices)
+    if isinstance(s, FixedSpec):
+        return s.value in allowed
+    numbers = [v for v in allowed if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return any(s.low <= v <= s.high for v in numbers)
+
+
+def _check_values(p: Param, where: str, base: Config, source: str) -> list[str]:
+    """This parameter's own values against lmcore's schema; cross-field checks are left to the joint samples."""
+    errors = []
+    for value in p.values():
+        try:
+            make_config(base, {p.name: value})
+        except ValidationError as err:
+            own = [e for e in err.errors() if ".".join(map(str, e["loc"])) == p.name]
+            if own:
+                err = ValidationError.from_exception_data(err.title, own)
+                errors += [line.replace(f"{source}: {p.name}", where, 1) for line in error_lines(err, source)]
     return errors
 
 
@@ -281,6 +408,6 @@ def _check_samples(space: SearchSpace, base: Config, source: str) -> None:
         try:
             make_config(base, settings)
         except ValidationError as err:
-            raise ExperimentError(
-                f"{source}: these settings are invalid together: {settings}\n" + "\n".join(error_lines(err, source))
-            ) from None
+            raise ExperimentError(message(
+                [f"{source}: these settings are invalid together: {files.short_repr(settings, 400)}",
+                 *error_lines(err, source)])) from None

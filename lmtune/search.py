@@ -7,11 +7,11 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from lmtune.folder import STUDY_FILE
 from lmtune.schema import Experiment
-
-STUDY_FILE = "optuna.db"  # `optuna-dashboard sqlite:///<experiment folder>/optuna.db`
 
 
 class StudySearch(OptunaSearch):
@@ -36,7 +36,37 @@ class StudySearch(OptunaSearch):
                 self._ot_study.tell(trial.number, state=TrialState.FAIL)
 
 
-def make_searcher(exp: Experiment, folder: Path) -> StudySearch:
+class StudyTrials(SearchGenerator):
+    """Ray's trial generator, with the study's number of trials settable on restore, so a study can grow.
+
+    Ray keeps `num_samples` in its snapshot and restores it as it was; here `trials` decides. An interrupted run's
+    generator is saved as finished; our Optuna search never finishes by itself, so a restore reopens it.
+    """
+
+    def __init__(self, searcher, trials: int):
+        super().__init__(searcher)
+        self.trials = trials
+
+    def add_configurations(self, experiments) -> None:
+        super().add_configurations(experiments)
+        self._total_samples = self.trials
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        self._total_samples = self.trials
+        self._finished = False
+
+
+def set_trials(tuner, trials: int) -> None:
+    """The number of trials of a restored Tuner's study (Ray has no public way to change it)."""
+    config = tuner._local_tuner._tune_config
+    if isinstance(config.search_alg, StudyTrials):
+        config.search_alg.trials = trials
+    else:  # a run started before StudyTrials: its bare searcher, which Ray wraps in a SearchGenerator
+        config.search_alg = StudyTrials(config.search_alg, trials)
+
+
+def make_searcher(exp: Experiment, folder: Path) -> StudyTrials:
     s = exp.spec.searcher
     if s.sampler == "tpe":
         with warnings.catch_warnings():
@@ -49,7 +79,7 @@ def make_searcher(exp: Experiment, folder: Path) -> StudySearch:
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
     storage = optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}")
     # OptunaSearch has no pruner: ASHA does the early stopping. metric/mode go here as well as to Tune.
-    return StudySearch(
+    searcher = StudySearch(
         space=exp.space,
         metric=exp.spec.metric,
         mode=exp.spec.mode,
@@ -57,6 +87,9 @@ def make_searcher(exp: Experiment, folder: Path) -> StudySearch:
         study_name=exp.name,
         storage=storage,
     )
+    if exp.spec.max_concurrent:
+        searcher = ConcurrencyLimiter(searcher, max_concurrent=exp.spec.max_concurrent)
+    return StudyTrials(searcher, exp.spec.trials)
 
 
 def make_scheduler(exp: Experiment) -> TrialScheduler:

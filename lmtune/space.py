@@ -21,28 +21,52 @@ conditional group jointly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lmcore.config import error_lines
+from lmcore.files import short_repr
 
 # Optuna names an alternative "model.layers|transformer"; trial settings drop these aliases.
 ALIAS = "|"
 OPTUNA_CHOICE_TYPES = (type(None), bool, int, float, str)
+MAX_CHOICES = 1000
+MAX_ERRORS = 20
+Int = Annotated[int, Strict()]
+Real = Annotated[float, Strict(), AllowInfNan(False)]
 
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     when: dict[str, Any] | None = Field(None, description="{setting: value or [values]}: exists only then")
 
+    @field_validator("when")
+    @classmethod
+    def _plain_values(cls, when: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name, allowed in (when or {}).items():
+            for value in allowed if isinstance(allowed, list) else [allowed]:
+                if not isinstance(value, OPTUNA_CHOICE_TYPES):
+                    raise ValueError(f"{name}: a condition lists values: null, booleans, numbers or strings "
+                                     f"(got {short_repr(value)})")
+        return when
+
 
 class FloatSpec(_Spec):
     type: Literal["float"]
-    low: float
-    high: float
+    low: Real
+    high: Real
     log: bool = False
-    step: float | None = Field(None, gt=0)
+    step: Real | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _valid_range(self) -> FloatSpec:
@@ -54,10 +78,10 @@ class FloatSpec(_Spec):
 
 class IntSpec(_Spec):
     type: Literal["int"]
-    low: int
-    high: int
+    low: Int
+    high: Int
     log: bool = False
-    step: int = Field(1, gt=0)
+    step: Int = Field(1, gt=0)
 
     @model_validator(mode="after")
     def _valid_range(self) -> IntSpec:
@@ -69,15 +93,15 @@ class IntSpec(_Spec):
 
 class CategoricalSpec(_Spec):
     type: Literal["categorical"] = "categorical"
-    choices: list[Any] = Field(min_length=1)
+    choices: list[Any] = Field(min_length=1, max_length=MAX_CHOICES)
 
     @model_validator(mode="after")
     def _plain_unique_choices(self) -> CategoricalSpec:
         for choice in self.choices:
             if not isinstance(choice, OPTUNA_CHOICE_TYPES):
-                raise ValueError(f"choices must be null, booleans, numbers or strings (got {choice!r})")
+                raise ValueError(f"choices must be null, booleans, numbers or strings (got {short_repr(choice)})")
         if len({repr(c) for c in self.choices}) != len(self.choices):
-            raise ValueError(f"choices repeat a value: {self.choices}")
+            raise ValueError(f"choices repeat a value: {short_repr(self.choices)}")
         return self
 
 
@@ -205,6 +229,8 @@ def parse_params(raw: Any, source: str) -> list[Param]:
     params: list[Param] = []
     errors: list[str] = []
     for name, entry in raw.items():
+        if len(errors) >= MAX_ERRORS:
+            break  # enough to act on; a file of 50k broken entries is reported at once
         alternatives = entry if isinstance(entry, list) else [entry]
         if isinstance(entry, list) and not entry:
             errors.append(f"{source}: params.{name}: an empty list of alternatives")
@@ -232,8 +258,8 @@ def _parse_spec(item: Any) -> Spec:
     if not isinstance(item, dict):
         return FixedSpec(value=item)  # a bare value is a fixed setting
     kind = item.get("type") or ("fixed" if "value" in item else "categorical" if "choices" in item else None)
-    if kind not in SPEC_TYPES:
-        raise ValueError(f"type must be one of {', '.join(SPEC_TYPES)} (got {item.get('type')!r})")
+    if not isinstance(kind, str) or kind not in SPEC_TYPES:
+        raise ValueError(f"type must be one of {', '.join(SPEC_TYPES)} (got {short_repr(item.get('type'))})")
     return SPEC_TYPES[kind].model_validate({**item, "type": kind})
 
 

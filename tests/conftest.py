@@ -142,3 +142,47 @@ def tiny_experiment(tmp_path, markov_corpus_dir):
     def make(name: str = "tiny", **changes) -> Path:
         return write_tiny_experiment(tmp_path / f"{name}.yaml", markov_corpus_dir, tmp_path / "results", **changes)
     return make
+
+
+# --- subprocesses -------------------------------------------------------------------------------
+
+# A busy laptop is a normal place to run the tests: limits are generous and scale with this variable.
+TIMEOUT_SCALE = float(os.environ.get("LMCORE_TEST_TIMEOUT_SCALE", "1"))
+
+
+def scaled(seconds: float) -> float:
+    """A time limit of the tests, scaled by $LMCORE_TEST_TIMEOUT_SCALE."""
+    return seconds * TIMEOUT_SCALE
+
+
+def run_process(command: list[str], timeout: float = 900, **kwargs):
+    """subprocess.run with captured text output and a generous, scaled time limit; a process that runs past it
+    fails the test showing what it printed."""
+    import subprocess
+
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=scaled(timeout), **kwargs)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{' '.join(map(str, command))}: still running after {scaled(timeout):.0f} s "
+                    f"(scale with LMCORE_TEST_TIMEOUT_SCALE); it printed:\n{process_output(err.stdout, err.stderr)}")
+
+
+def process_output(stdout, stderr, limit: int = 4000) -> str:
+    """The tail of a process's stdout and stderr, for a failure message."""
+    def text(x):
+        return (x.decode(errors="replace") if isinstance(x, bytes) else x or "")[-limit:]
+    return f"--- stdout ---\n{text(stdout)}\n--- stderr ---\n{text(stderr)}"
+
+
+def wait_for(condition, what: str, timeout: float = 600, poll: float = 0.5, log: Path | None = None):
+    """Wait until condition() is truthy (an event: a file appears, a line is printed) and return its value;
+    after a generous, scaled limit the test fails, showing `log` (a process's output file) if given."""
+    import time
+
+    deadline = time.monotonic() + scaled(timeout)
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            shown = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
+            pytest.fail(f"waited {scaled(timeout):.0f} s for {what}" + (f"; the process printed:\n{shown}" * bool(log)))
+        time.sleep(poll)
+    return value

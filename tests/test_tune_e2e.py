@@ -2,7 +2,6 @@
 the report and compare commands, and the results API."""
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from conftest import write_tiny_experiment
+from conftest import process_output, run_process, write_tiny_experiment
 from lmtune import load_results
 from lmtune.cli import main
 
@@ -18,9 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 TUNE = [sys.executable, str(REPO / "tune.py")]
 
 
-def tune(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*TUNE, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+def tune(*args: str):
+    return run_process([*TUNE, *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,7 @@ def finished(tmp_path_factory, markov_corpus_dir):
     tmp = tmp_path_factory.mktemp("e2e")
     path = write_tiny_experiment(tmp / "tiny.yaml", markov_corpus_dir, tmp / "results")
     run = tune(str(path), "--num-cpus", "2", "--no-dashboard")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0, process_output(run.stdout, run.stderr)
     return path, tmp / "results" / "tiny", run.stdout
 
 
@@ -91,7 +89,7 @@ def test_report_reuses_the_test_evaluation(finished):
     _, folder, _ = finished
     evaluated = (folder / "final_eval.json").read_text()
     run = tune("report", str(folder))
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, process_output(run.stdout, run.stderr)
     assert "Evaluating" not in run.stdout  # the test split is not scored again
     assert (folder / "final_eval.json").read_text() == evaluated
     assert "| tiny | text |" in run.stdout
@@ -107,10 +105,21 @@ def test_compare(finished, tmp_path):
     assert (tmp_path / "table.md").read_text().startswith("| experiment |")
 
 
+def test_the_folder_layout(finished):
+    _, folder, _ = finished
+    assert (folder / "experiment.yaml").is_file() and (folder / "optuna.db").is_file()
+    assert list((folder / "ray").glob("experiment_state-*.json")) and list((folder / "ray").glob("trial_*"))
+    assert not list(folder.glob("experiment_state-*.json")) and not (folder / ".lock").exists()
+
+
 def test_resuming_with_other_settings_is_refused(finished, capsys):
-    path, _, _ = finished
-    assert main(["run", str(path), "--set", "trials=6"]) == 2
+    path, folder, _ = finished
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["run", str(path), "--set", "scheduler.max_epochs=4"]) == 2
     assert "differs from the run being resumed" in capsys.readouterr().err
+    assert main(["run", str(path), "--set", "trials=3"]) == 2
+    assert "a study can grow but not shrink: pass --set trials=4" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == before
 
 
 def test_an_existing_folder_is_never_overwritten(tiny_experiment, capsys):
@@ -118,6 +127,9 @@ def test_an_existing_folder_is_never_overwritten(tiny_experiment, capsys):
     folder = path.parent / "results" / "tiny"
     folder.mkdir(parents=True)
     (folder / "notes.txt").write_text("mine")
-    assert main(["run", str(path)]) == 2
-    assert "exists but holds no run that can be resumed" in capsys.readouterr().err
-    assert (folder / "notes.txt").read_text() == "mine"
+    for restart in ([], ["--restart"]):
+        assert main(["run", str(path), *restart]) == 2
+        err = capsys.readouterr().err
+        assert "exists and holds no experiment.yaml" in err and "choose another name or storage" in err
+        assert "pass --restart" not in err
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]

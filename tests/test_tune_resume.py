@@ -1,22 +1,26 @@
-"""Resume: SIGKILL the driver (and its Ray) mid-experiment, run the same command again: completed trials are
-kept, unfinished ones continue, the total is as configured and the Optuna study stays consistent."""
+"""Resume and grow: SIGKILL the driver (and its Ray) mid-experiment, run the same command again: completed trials
+are kept, unfinished ones continue, the total is as configured and the Optuna study stays consistent. Ctrl-C
+exits 130, and a finished or interrupted study grows with a larger `--set trials=N`, keeping every trial."""
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pandas as pd
 
+from conftest import process_output, run_process, wait_for
+from lmtune import load_experiment, load_results, run_experiment
+
 REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def snapshot_statuses(folder: Path) -> dict[str, str]:
     """Trial id -> status in the newest experiment state Ray has written to the folder."""
-    states = sorted(folder.glob("experiment_state-*.json"))
+    states = sorted((folder / "ray").glob("experiment_state-*.json"))
     if not states:
         return {}
     try:
@@ -26,7 +30,21 @@ def snapshot_statuses(folder: Path) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in (json.loads(state) for state, _ in trial_data)}
 
 
-def test_killed_driver_resumes_with_the_same_command(tiny_experiment):
+def start(command: list[str], log: Path) -> subprocess.Popen:
+    """The driver in its own process group (a kill takes the Ray processes it started), output to `log`."""
+    with open(log, "w") as out:
+        return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def a_trial_completed(process: subprocess.Popen, folder: Path, log: Path):
+    def check():
+        assert process.poll() is None, "the run ended before it could be stopped:\n" + log.read_text()[-4000:]
+        return "TERMINATED" in snapshot_statuses(folder).values()
+    return check
+
+
+def test_killed_driver_resumes_with_the_same_command(tiny_experiment, tmp_path):
     path = tiny_experiment(
         "resume",
         fixed={"train.steps_per_epoch": 40},
@@ -35,17 +53,11 @@ def test_killed_driver_resumes_with_the_same_command(tiny_experiment):
     )
     folder = path.parent / "results" / "resume"
     command = [sys.executable, str(REPO / "tune.py"), str(path), "--num-cpus", "2", "--no-dashboard"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
 
-    # Own process group: the kill takes the driver and the Ray processes it started.
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
-    deadline = time.monotonic() + 240
+    log = tmp_path / "first.log"
+    first = start(command, log)
     try:
-        while "TERMINATED" not in snapshot_statuses(folder).values():
-            assert first.poll() is None, "the first run ended before it could be killed"
-            assert time.monotonic() < deadline, "no trial completed in time"
-            time.sleep(0.5)
+        wait_for(a_trial_completed(first, folder, log), "a completed trial", log=log)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
@@ -53,9 +65,10 @@ def test_killed_driver_resumes_with_the_same_command(tiny_experiment):
     completed_before = {t for t, s in before.items() if s == "TERMINATED"}
     assert len(completed_before) < 5, "killed too late to test resuming"
 
-    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    second = run_process(command, cwd=REPO, env=ENV)
+    assert second.returncode == 0, process_output(second.stdout, second.stderr)
     assert "Resuming resume" in second.stdout
+    assert "taking over the lock" in second.stdout  # the killed driver's lock was stale
 
     trials = pd.read_csv(folder / "trials.csv")
     assert len(trials) == 5  # the number configured, not 5 more
@@ -67,3 +80,45 @@ def test_killed_driver_resumes_with_the_same_command(tiny_experiment):
     assert states.count(optuna.trial.TrialState.COMPLETE) == 5
     # Trials Optuna handed out after Ray's last snapshot were closed, not left running.
     assert optuna.trial.TrialState.RUNNING not in states
+
+
+def test_ctrl_c_exits_130_and_the_interrupted_study_grows(tiny_experiment, tmp_path):
+    path = tiny_experiment("interrupt", fixed={"train.steps_per_epoch": 40},
+                           scheduler={"type": "fifo", "max_epochs": 4}, trials=4)
+    folder = path.parent / "results" / "interrupt"
+    command = [sys.executable, str(REPO / "tune.py"), str(path), "--num-cpus", "2", "--no-dashboard"]
+
+    log = tmp_path / "first.log"
+    first = start(command, log)
+    try:
+        wait_for(a_trial_completed(first, folder, log), "a completed trial", log=log)
+        first.send_signal(signal.SIGINT)  # the driver only, as Ray's own Ctrl-C handling expects
+        first.wait(timeout=600)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 130, log.read_text()[-4000:]
+    assert "run the same command again to resume" in log.read_text()
+
+    grown = run_process([*command, "--set", "trials=6"], cwd=REPO, env=ENV)
+    assert grown.returncode == 0, process_output(grown.stdout, grown.stderr)
+    assert "Growing interrupt from 4 to 6 trials" in grown.stdout
+    trials = pd.read_csv(folder / "trials.csv")
+    assert len(trials) == 6 and (trials["status"] == "completed").all()
+
+
+def test_a_finished_study_grows_and_keeps_every_trial(ray_session, tiny_experiment):
+    path = tiny_experiment("grow", scheduler={"type": "fifo", "max_epochs": 1}, trials=2)
+    exp = load_experiment(path)
+    assert run_experiment(exp) is True
+    first = load_results(exp.folder).trials
+
+    grown = load_experiment(path, ["trials=3"])
+    assert run_experiment(grown) is True
+    trials = load_results(exp.folder).trials
+    assert len(trials) == 3 and set(first["trial_id"]) < set(trials["trial_id"])
+    kept = trials.set_index("trial_id").loc[first["trial_id"], "best_valid_ppl"]
+    assert list(kept) == list(first["best_valid_ppl"])  # not re-run
+    study = optuna.load_study(study_name="grow", storage=f"sqlite:///{exp.folder / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    assert load_experiment(path, ["trials=3"]).spec.trials == 3  # the snapshot now says 3: resumable as such

@@ -5,6 +5,7 @@ import optuna
 import pandas as pd
 
 from lmtune import load_experiment, run_experiment
+from lmtune.cli import main
 from lmtune.report import report
 
 
@@ -37,3 +38,17 @@ def test_a_diverging_trial_is_recorded_and_the_search_continues(ray_session, tin
     values = sorted(t.value for t in study.trials)
     assert len(values) == 4 and math.isinf(values[-1])  # told to Optuna as the worst possible value
 
+
+
+def test_a_study_whose_every_trial_diverges_exits_3(ray_session, tiny_experiment, capsys):
+    path = tiny_experiment(
+        "all_nan",
+        search_space={"params": {"optim.lr": {"choices": [1.0e6, 2.0e6]}}},
+        fixed={"model.family": "lstm"},
+        scheduler={"type": "fifo", "max_epochs": 2},
+        trials=2,
+    )
+    assert main(["run", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert "all_nan: no usable trial (2 diverged)" in err
+    assert not (path.parent / "results" / "all_nan" / ".lock").exists()  # released

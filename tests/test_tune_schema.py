@@ -82,21 +82,35 @@ def test_a_valid_experiment_resolves(tmp_path):
     ({"family": "gpt"}, "exp.yaml: family: Input should be 'mogrifier', 'lstm', 'gru', 'rnn' or 'transformer'"),
     ({"dataset": None}, "exp.yaml: dataset: Field required"),
     ({"metric": "accuracy"}, "exp.yaml: metric: Input should be 'valid_loss', 'valid_ppl' or 'best_valid_ppl'"),
-    ({"scheduler": {"max_epochs": 3, "grace_period": 5}}, "exp.yaml: scheduler: grace_period (5) exceeds max_epochs (3)"),
-    ({"scheduler": {"max_epochs": 3, "reduction_factor": 1}}, "exp.yaml: scheduler.reduction_factor: Input should be greater than 1"),
+    ({"scheduler": {"max_epochs": 3, "grace_period": 5}},
+     "exp.yaml: scheduler: grace_period (5) exceeds max_epochs (3)"),
+    ({"scheduler": {"max_epochs": 3, "reduction_factor": 1}},
+     "exp.yaml: scheduler.reduction_factor: Input should be greater than 1"),
     ({"scheduler": {"type": "pbt", "max_epochs": 3}}, "exp.yaml: scheduler.type: Input should be 'asha' or 'fifo'"),
     ({"searcher": {"sampler": "cmaes"}}, "exp.yaml: searcher.sampler: Input should be 'tpe' or 'random'"),
-    ({"resources": {"cpus": 0}}, "exp.yaml: resources.cpus: Input should be greater than 0"),
+    ({"resources": {"cpus": 0}}, "exp.yaml: resources.cpus: Input should be greater than or equal to 0.01"),
     ({"resources": {"gpus": 1.5}}, "exp.yaml: resources: gpus above 1 must be a whole number"),
     ({"storage": "s3://bucket/x"}, "exp.yaml: storage: storage must be a filesystem path"),
     ({"name": "../escape"}, "exp.yaml: name: String should match pattern"),
     ({"fixed": {"model.roundz": 3}}, "exp.yaml: fixed.model.roundz: unknown setting (did you mean model.rounds?)"),
-    ({"fixed": {"model": {"dropout": {"state": 1.5}}}}, "exp.yaml: fixed.model.dropout.state: Input should be less than 1"),
+    ({"fixed": {"model": {"dropout": {"state": 1.5}}}},
+     "exp.yaml: fixed.model.dropout.state: Input should be less than 1"),
     ({"fixed": {"optim.lr": "fast"}}, "exp.yaml: fixed.optim.lr: Input should be a valid number"),
     ({"fixed": {"train.epochs": 9}}, "exp.yaml: fixed.train.epochs: is set by scheduler.max_epochs (3); remove it"),
     ({"fixed": {"train.threads": 4}}, "exp.yaml: fixed.train.threads: is set by resources.cpus"),
     ({"fixed": {"data.name": "wikitext-2"}}, "exp.yaml: fixed.data.name: is set by dataset ('ptb')"),
-    ({"family": None}, "exp: family: required unless the search space chooses model.family"),
+    ({"family": None}, "exp.yaml: family: required unless the search space chooses model.family"),
+    ({"fixed": {"train.progress": True}}, "exp.yaml: fixed.train.progress: is set by the tuner"),
+    ({"fixed": {"train.device": "cpu"}}, "exp.yaml: fixed.train.device: is set by resources.gpus"),
+    ({"fixed": {"data.name": "ptb"}}, "exp.yaml: fixed.data.name: is set by dataset ('ptb'); remove it"),
+    ({"trials": True}, "exp.yaml: trials: Input should be a valid integer (got True)"),
+    ({"searcher": {"seed": True}}, "exp.yaml: searcher.seed: Input should be a valid integer"),
+    ({"searcher": {"seed": -1}}, "exp.yaml: searcher.seed: Input should be greater than or equal to 0"),
+    ({"searcher": {"seed": 2**32}}, "exp.yaml: searcher.seed: Input should be less than or equal to 4294967295"),
+    ({"scheduler": {"max_epochs": 3, "reduction_factor": float("inf")}},
+     "exp.yaml: scheduler.reduction_factor: Input should be a finite number"),
+    ({"resources": {"cpus": float("inf")}}, "exp.yaml: resources.cpus: Input should be a finite number"),
+    ({"resources": {"cpus": 1e-9}}, "exp.yaml: resources.cpus: Input should be greater than or equal to 0.01"),
     ({"search_space": "missing.yaml"}, "exp.yaml: search_space: no such file:"),
 ])
 def test_experiment_errors(tmp_path, capsys, changes, message):
@@ -182,3 +196,122 @@ def test_missing_data_stops_before_anything_starts(tmp_path, capsys):
     assert main(["run", str(path)]) == 2
     assert "text: cannot find train.txt" in capsys.readouterr().err
     assert not (tmp_path / "results").exists()
+
+
+# -- --set pins a searched setting (issue 8.2) --------------------------------------------------------
+
+
+def test_the_readme_example_pins_a_searched_setting(capsys):
+    path = REPO / "experiments" / "ptb_mogrify.yaml"
+    exp = load_experiment(path, ["trials=32", "model.dropout.state=0.3"])
+    assert exp.spec.trials == 32 and exp.base.model.dropout.state == 0.3
+    assert "model.dropout.state" not in exp.space.names()
+    assert all(d.get("model.dropout.state") is None for d in exp.space.draw(8))
+    assert main(["check", str(path), "--set", "trials=32", "--set", "model.dropout.state=0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "pinned with --set (fixed for every trial, never searched):\n  model.dropout.state: 0.3" in out
+
+
+def test_a_condition_on_a_pinned_setting_uses_the_pinned_value():
+    path = REPO / "experiments" / "ptb_compare.yaml"
+    exp = load_experiment(path, ["model.family=lstm"])
+    assert exp.space.names() == [n for n in load_experiment(path).space.names()
+                                 if n not in ("model.family", "model.rounds", "model.rank", "model.heads")]
+    assert {d["model.family"] for d in exp.space.draw(8)} == {"lstm"}
+    assert all("model.dropout.state" in d for d in exp.space.draw(8))  # when: family in [mogrifier, lstm]
+
+
+def test_a_pinned_family_replaces_the_experiments_family():
+    exp = load_experiment(REPO / "experiments" / "ptb_mogrify.yaml", ["model.family=lstm", "model.rounds=0"])
+    assert exp.base.model.family == "lstm" and exp.spec.family == "lstm"
+
+
+def test_a_setting_in_both_fixed_and_the_space_says_what_to_do(tmp_path, capsys):
+    space = params(model__hidden={"type": "int", "low": 16, "high": 64})
+    message = fails(experiment(tmp_path, space=space), capsys)
+    assert "remove it from one of them (or pin it from the command line: --set model.hidden=VALUE)" in message
+
+
+# -- conditions that can never hold, and other malformed spaces (issue 9, fuzz classes) ---------------
+
+
+@pytest.mark.parametrize("space, message", [
+    (params(model__rounds={"type": "int", "low": 1, "high": 3, "when": {"model.tie_weights": False}}),
+     "params.model.rounds.when: model.tie_weights is fixed to True, never [False]: the parameter would never be used"),
+    (params(model__layers={"type": "int", "low": 1, "high": 3},
+            optim__lr={"type": "float", "low": 1e-4, "high": 1e-2, "when": {"model.layers": 7}}),
+     "params.optim.lr.when: model.layers never takes [7]"),
+    (params(optim__lr={"type": "float", "low": 1e-4, "high": float("inf"), "log": True}),
+     "params.optim.lr.high: Input should be a finite number"),
+    (params(model__layers={"type": "int", "low": True, "high": 3}), "params.model.layers.low: Input should be a valid"),
+    (params(model__layers={"type": ["int"], "low": 1, "high": 3}), "params.model.layers: type must be one of"),
+    (params(model__layers={"type": "int", "low": 1, "high": 3, "when": {"model.family": [["lstm"]]}}),
+     "params.model.layers.when: Value error, model.family: a condition lists values"),
+    (params(model__rank={"choices": list(range(1, 1002))}), "params.model.rank.choices: List should have at most 1000"),
+])
+def test_malformed_spaces(tmp_path, capsys, space, message):
+    assert message.replace("Value error, ", "") in fails(experiment(tmp_path, space=space), capsys)
+
+
+def test_many_unknown_keys_are_refused_fast_in_one_short_message(tmp_path):
+    fixed = {f"model.x{i}": 1 for i in range(40_000)}
+    with pytest.raises(ExperimentError) as err:
+        load_experiment(experiment(tmp_path, fixed=fixed))
+    lines = str(err.value).splitlines()
+    assert len(lines) == 21 and lines[-1] == "... and 39980 more problems"
+
+
+# -- extends: a shared base (issue 8, experiment files) -----------------------------------------------
+
+
+def test_extends_deep_merges_a_base_relative_to_the_file(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "common.yaml").write_text(yaml.safe_dump({
+        "fixed": {"model": {"hidden": 32}, "optim.clip": 0.5}, "scheduler": {"max_epochs": 3, "grace_period": 1},
+        "searcher": {"seed": 5, "n_startup_trials": 3}, "trials": 4, "search_space": "../space.yaml"}))
+    path = experiment(tmp_path, extends="base/common.yaml", scheduler=None, trials=None, search_space=None,
+                      searcher={"n_startup_trials": 7}, fixed={"model.hidden": 48, "model.layers": 1})
+    exp = load_experiment(path)
+    assert exp.name == "exp" and exp.spec.trials == 4
+    assert exp.spec.searcher.seed == 5 and exp.spec.searcher.n_startup_trials == 7
+    assert exp.base.model.hidden == 48 and exp.base.optim.clip == 0.5 and exp.base.model.layers == 1
+    assert exp.space.names() == ["optim.lr"]  # the base's search_space, relative to the base file
+
+
+@pytest.mark.parametrize("bases, message", [
+    ({"a.yaml": {"extends": "exp.yaml"}}, "extends: exp.yaml leads back to"),
+    ({"a.yaml": {"extends": "b.yaml"}, "b.yaml": {"extends": "a.yaml"}}, "(a cycle)"),
+    ({"a.yaml": {"name": "other"}}, "a.yaml: name: a base file must not set name"),
+    ({"a.yaml": {"trials": "x"}}, "exp.yaml: trials: Input should be a valid integer"),
+    ({}, "a.yaml: no such file"),
+])
+def test_bad_extends(tmp_path, capsys, bases, message):
+    for name, content in bases.items():
+        (tmp_path / name).write_text(yaml.safe_dump(content))
+    spec = {k: v for k, v in yaml.safe_load(experiment(tmp_path).read_text()).items() if k != "trials"}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"extends": "a.yaml", **spec}))
+    assert message in fails(path, capsys)
+
+
+def test_shipped_experiments_state_only_what_differs():
+    for path in SHIPPED:
+        text = path.read_text()
+        assert "storage:" not in text and "metric:" not in text and "failure:" not in text, path.name
+        if path.stem != "quickstart":
+            assert "extends: base/" in text, path.name
+
+
+# -- check shows what will run (issue 8.10) -----------------------------------------------------------
+
+
+def test_check_shows_the_fixed_settings_and_the_solved_widths(capsys):
+    assert main(["check", str(REPO / "experiments" / "ptb_compare.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "fixed settings" in out and "  model.params_budget: 24000000" in out and "  data.bptt: 70" in out
+    assert "width solved from model.params_budget=24,000,000" in out
+    widths = dict(line.strip().split(": ") for line in out.split("width solved")[1].splitlines()[1:])
+    assert set(widths) == {"mogrifier", "lstm", "transformer"}
+    assert widths["transformer"].startswith("d_model ") and widths["lstm"].startswith("hidden ")
+    low, _, high = widths["mogrifier"].split()[1].partition("..")
+    assert 300 < int(low) <= int(high or low) < 2000  # 24M parameters with a 10k vocabulary

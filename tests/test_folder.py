@@ -1,0 +1,95 @@
+"""Experiment folders: locked while a driver uses them, stale locks taken over, and only folders made by tune.py
+ever deleted (by --restart)."""
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lmtune.cli import main
+from lmtune.folder import LOCK_FILE, SNAPSHOT_FILE, FolderLock, check_folder, is_experiment_folder, prepare_folder
+from lmtune.schema import ExperimentError, load_experiment
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_locked_folder_refuses_a_second_driver(tmp_path):
+    with FolderLock(tmp_path / "exp"):
+        holder = json.loads((tmp_path / "exp" / LOCK_FILE).read_text())
+        assert holder["host"] == socket.gethostname()
+        with pytest.raises(ExperimentError) as err:
+            FolderLock(tmp_path / "exp").__enter__()
+        assert f"in use by process {holder['pid']} on {holder['host']}" in str(err.value)
+        assert "wait for it to finish" in str(err.value)
+    assert not (tmp_path / "exp" / LOCK_FILE).exists()  # released
+
+
+def test_a_stale_lock_is_taken_over(tmp_path, capsys):
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    pid = dead_pid()
+    (folder / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "since": "then"}))
+    with FolderLock(folder):
+        assert f"taking over the lock of process {pid}, which is gone" in capsys.readouterr().out
+        assert json.loads((folder / LOCK_FILE).read_text())["pid"] != pid
+
+
+def test_a_lock_from_another_host_is_respected(tmp_path):
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    (folder / LOCK_FILE).write_text(json.dumps({"pid": dead_pid(), "host": "elsewhere", "since": "then"}))
+    with pytest.raises(ExperimentError, match="on elsewhere"):
+        FolderLock(folder).__enter__()
+
+
+def test_the_second_run_exits_2_naming_the_holder(tiny_experiment, capsys):
+    path = tiny_experiment()
+    folder = path.parent / "results" / "tiny"
+    folder.mkdir(parents=True)
+    (folder / SNAPSHOT_FILE).write_text(yaml.safe_dump(load_experiment(path).snapshot()))
+    with FolderLock(folder):  # held by this (live) process, as by a driver running now
+        assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "tiny: in use by process" in err and socket.gethostname() in err
+    assert sorted(p.name for p in folder.iterdir()) == [SNAPSHOT_FILE]
+
+
+def test_restart_deletes_only_our_folders(tiny_experiment, capsys):
+    path = tiny_experiment()
+    exp = load_experiment(path)
+    folder = exp.folder
+    folder.mkdir(parents=True)
+    (folder / "thesis.tex").write_text("years of work")
+    assert not is_experiment_folder(folder)
+    with pytest.raises(ExperimentError) as err:
+        check_folder(exp, restart=True)
+    assert "--restart deletes only experiment folders made by tune.py" in str(err.value)
+    assert (folder / "thesis.tex").exists()
+
+    (folder / "thesis.tex").unlink()
+    (folder / SNAPSHOT_FILE).write_text(yaml.safe_dump(exp.snapshot()))
+    (folder / "ray").mkdir()
+    (folder / "ray" / "trial_x").mkdir()
+    assert is_experiment_folder(folder)
+    check_folder(exp, restart=True)
+    with FolderLock(folder):
+        plan = prepare_folder(exp, restart=True)
+        assert not plan.resume
+        assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE, SNAPSHOT_FILE]
+    assert "--restart: removed the previous run" in capsys.readouterr().out
+
+
+def test_a_snapshot_that_is_not_ours_does_not_make_a_folder_ours(tmp_path):
+    folder = tmp_path / "x"
+    folder.mkdir()
+    (folder / SNAPSHOT_FILE).write_text("just: some yaml\n")
+    assert not is_experiment_folder(folder)
+    (folder / SNAPSHOT_FILE).write_bytes(b"\xff\xfe binary")
+    assert not is_experiment_folder(folder)
