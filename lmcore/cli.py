@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import sys
-from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from .config import (
     parse_value,
 )
 from .data import Corpus, DataError, load_corpus
+from .exitcodes import ExitCode
 from .train import check_fits, evaluate_checkpoint, resolve_device, train
 
 log = logging.getLogger("lmcore")
@@ -54,16 +54,6 @@ SEED_ALIASES = {  # the seed's flag -> the config vocabulary
 RESUMABLE = ("train.", "data.dir", "data.eval_batch_size")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 RUN_FILES = ("last.pt", "metrics.jsonl", "train.log")  # beside config.yaml, these make a folder an lmcore run
-
-
-class ExitCode(IntEnum):
-    """The exit codes of both command lines (lmcore and lmtune)."""
-
-    OK = 0  # a usable result (or check / report / compare / --help succeeded)
-    ERROR = 1  # an unexpected error: a bug, with its traceback
-    BAD_INPUT = 2  # one message naming the file and field; nothing written, nothing launched
-    NO_RESULT = 3  # finished without a usable result: the run diverged, or every trial errored or diverged
-    INTERRUPTED = 130  # Ctrl-C: run the same command again to resume
 
 
 class UsageError(Exception):

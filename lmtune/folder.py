@@ -56,7 +56,7 @@ class FolderLock:
     def __init__(self, folder: Path):
         self.file = folder / LOCK_FILE
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         self.file.parent.mkdir(parents=True, exist_ok=True)
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         for _ in range(3):  # a stale lock is removed and creation retried; a rival may win the retry
