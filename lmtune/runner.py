@@ -75,6 +75,7 @@ def run_experiment(
                 ),
                 failure_config=tune.FailureConfig(max_failures=exp.spec.failure.max_failures),
                 progress_reporter=make_reporter(exp),
+                callbacks=make_loggers(exp),
                 verbose=1,
             ),
         )
@@ -160,6 +161,21 @@ def _load_corpus(name: str, data_dir: str | None) -> None:
     import lmcore
 
     lmcore.load_corpus(name, data_dir)
+
+
+def make_loggers(exp: Experiment) -> list:
+    """Ray Tune's logger callbacks for the trackers named in the experiment's `loggers` (installed as extras).
+    MLflow logs where $MLFLOW_TRACKING_URI says; W&B to the project named after the experiment ($WANDB_MODE)."""
+    callbacks = []
+    if "mlflow" in exp.spec.loggers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(MLflowLoggerCallback(experiment_name=exp.name))
+    if "wandb" in exp.spec.loggers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project=exp.name, dir=str(exp.folder)))  # W&B's run files: in it
+    return callbacks
 
 
 def make_reporter(exp: Experiment):

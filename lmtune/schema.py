@@ -5,6 +5,7 @@ Every problem becomes one line naming the file and the field (`experiments/x.yam
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -98,6 +99,18 @@ class ExperimentSpec(_Strict):
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    loggers: list[Literal["mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers Ray Tune logs every trial to (the [trackers] extra)"
+    )
+
+    @field_validator("loggers")
+    @classmethod
+    def _trackers_installed(cls, loggers: list[str]) -> list[str]:
+        missing = [name for name in loggers if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed: pip install {' '.join(missing)} "
+                             "(or the project's [trackers] extra)")
+        return list(dict.fromkeys(loggers))
 
     @field_validator("storage")
     @classmethod
@@ -130,8 +143,8 @@ class Experiment:
         return Path(self.spec.storage) / self.spec.name
 
     def snapshot(self) -> dict[str, Any]:
-        """What resuming must not change; saved as experiment.yaml in the folder."""
-        spec = self.spec.model_dump(mode="json", exclude={"search_space", "description"})
+        """What resuming must not change; saved as experiment.yaml in the folder (trackers may change)."""
+        spec = self.spec.model_dump(mode="json", exclude={"search_space", "description", "loggers"})
         return {**spec, "space": self.space.describe().splitlines(), "base": self.base.flat()}
 
 
