@@ -4,7 +4,7 @@
     python tune.py check experiments/ptb_mogrify.yaml      # validate and show the search space; runs nothing
     python tune.py report results/ptb_mogrify             # tables + test evaluation of the best checkpoints
     python tune.py compare results/ptb_mogrify results/ptb_lstm results/ptb_transformer
-    python tune.py export-best results/ptb_mogrify --out best.yaml   # then: python -m lmcore train --config best.yaml
+    python tune.py export-best results/ptb_mogrify --out best.yaml   # for: python -m lmcore train --config best.yaml
 """
 from __future__ import annotations
 
@@ -106,10 +106,11 @@ def export_best(args: argparse.Namespace) -> int:
                               f" to export (families with one: {families})")
     best = ranked.iloc[0]
     settings = {k: v for k, v in results.config(best["trial_id"]).flat().items() if k not in MANAGED_PER_TRIAL}
+    rerun = f"python -m lmcore train --run-name {results.name}_{best['trial_id']} --config {out}"
     header = (f"# The best {best['family']} trial ({best['trial_id']}, best valid ppl {best['best_valid_ppl']:.2f}) "
-              f"of {results.folder}\n# rerun: python -m lmcore train --config {out}\n")
+              f"of {results.folder}\n# rerun: {rerun}\n")
     files.write_text(out, header + yaml.safe_dump(make_config({}, settings).model_dump(), sort_keys=False))
-    print(f"written: {out}\nrerun it: python -m lmcore train --config {out}")
+    print(f"written: {out}\nrerun it (add --set train.epochs=N or train.seed=S to change it): {rerun}")
     return 0
 
 

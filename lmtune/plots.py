@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from lmcore import files
 from lmtune.results import Results, finite
@@ -40,10 +41,11 @@ def learning_curves(results: Results | list[Results], per_family: int = 3) -> Fi
             for ax, x, scale in ((by_epoch, "epoch", 1), (by_time, "time_total_s", 1 / 60)):
                 xs, ys = curve[x] * scale, curve["valid_ppl"].where(curve["valid_ppl"].map(math.isfinite))
                 ax.plot(xs, ys, LINES.get(how, "-"), marker=".", color=colors[family], label=label)
-                ax.plot(xs.iloc[-1:], ys.ffill().iloc[-1:], MARKERS.get(how, "o"), color=colors[family], ms=9)
+                _mark_end(ax, xs.iloc[-1], ys.ffill().iloc[-1], how, colors[family])
     by_epoch.set(title="Learning curves (best trials per family)", xlabel="epoch", ylabel=PPL)
+    by_epoch.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_time.set(title="... against compute time", xlabel="trial time (minutes)")
-    _legend(by_time, note="dotted: stopped early by ASHA; dashed, X: diverged")
+    _legend(by_time, note="dotted, v: stopped early by ASHA; X: diverged (at the top: no finite perplexity)")
     return fig
 
 
@@ -76,7 +78,7 @@ def param_effects(results: Results) -> Figure:
     for ax, name in zip(axes, names):
         values = trials[name]
         present = trials[values.notna()]
-        if pd.api.types.is_numeric_dtype(values) and values.nunique() > 3:
+        if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
             for (family, how), group in present.groupby(["family", "status"], sort=False):
                 ax.scatter(group[name], group["best_valid_ppl"], marker=MARKERS.get(how, "o"), color=colors[family],
                            label=f"{family} ({how})", alpha=0.8)
@@ -136,16 +138,21 @@ def search_progress(results: Results | list[Results]) -> Figure:
         ppl = trials["best_valid_ppl"].where(trials["best_valid_ppl"].map(finite) & ~trials["status"].isin(
             ["diverged", "error"]))
         order = hours.sort_values(kind="stable").index
-        by_number.step(number, ppl.cummin(), where="post", label=f"{prefix}best so far")
-        by_clock.step(hours[order], ppl[order].cummin(), where="post", label=f"{prefix}best so far")
+        by_number.step(number, ppl.cummin().ffill(), where="post", label=f"{prefix}best so far")
+        by_clock.step(hours[order], ppl[order].cummin().ffill(), where="post", label=f"{prefix}best so far")
         for how, group in trials.groupby("status", sort=False):
-            y = group["best_valid_ppl"].where(group["best_valid_ppl"].map(finite), ppl.max())  # diverged: on top
             style = {"marker": MARKERS.get(how, "o"), "alpha": 0.7, "label": f"{prefix}{how}"}
-            by_number.scatter(number[group.index], y, **style)
-            by_clock.scatter(hours[group.index], y, **style)
+            for ax, x in ((by_number, number), (by_clock, hours)):
+                shown = group["best_valid_ppl"].map(finite)
+                if shown.any():
+                    ax.scatter(x[group.index[shown]], group.loc[shown, "best_valid_ppl"], **style)
+                if not shown.all():  # no finite perplexity (diverged): drawn at the top edge
+                    ax.scatter(x[group.index[~shown]], [0.97] * (~shown).sum(), transform=ax.get_xaxis_transform(),
+                               **{**style, "label": None if shown.any() else style["label"]})
     by_number.set(title="Search progress", xlabel="trial number", ylabel=PPL)
+    by_number.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_clock.set(title="... against wall-clock time", xlabel="hours since the first trial started")
-    _legend(by_clock, note="a diverged trial with no finite perplexity is drawn at the top")
+    _legend(by_clock, note="v: stopped early by ASHA; X: diverged (at the top: no finite perplexity)")
     return fig
 
 
@@ -190,6 +197,14 @@ def _labelled(results: Results | list[Results]) -> list[tuple[Results, str]]:
 def _family_colors(results: Results) -> dict[str, str]:
     families = sorted(results.trials["family"].dropna().unique())
     return {family: f"C{i}" for i, family in enumerate(families)}
+
+
+def _mark_end(ax, x: float, y: float, how: str, color: str) -> None:
+    """A trial's last point: its status's marker; at the top edge when it never had a finite perplexity."""
+    if finite(y):
+        ax.plot([x], [y], MARKERS.get(how, "o"), color=color, ms=9)
+    else:
+        ax.plot([x], [0.97], MARKERS.get(how, "o"), color=color, ms=9, transform=ax.get_xaxis_transform())
 
 
 def _legend(ax, note: str = "") -> None:
