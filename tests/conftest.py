@@ -150,7 +150,8 @@ def run_tune(*args: str, timeout: int = 600, env: dict | None = None):
     import sys
 
     return subprocess.run([sys.executable, str(REPO_ROOT / "tune.py"), *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
+                          text=True, timeout=timeout, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
 
 
 @pytest.fixture(scope="session")
