@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lmcore import files
-from lmtune.results import Results, finite
+from lmtune.results import Results, finite, results_frame
 
 # How each trial status is drawn: the trials ASHA stopped early and the diverged ones stand out.
 MARKERS = {"completed": "o", "early-stopped": "v", "diverged": "X", "error": "X"}
@@ -158,9 +158,7 @@ def search_progress(results: Results | list[Results]) -> Figure:
 
 def comparison(results: list[Results]) -> Figure:
     """Best valid and test perplexity per family and dataset, over several experiments (`tune.py compare`)."""
-    rows = [t.assign(dataset=r.experiment.dataset if r.experiment else "?") for r in results
-            for t in [r.family_table()]]
-    table = pd.concat(rows, ignore_index=True)
+    table = results_frame(results)
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     for ax, column, title in zip(fig.subplots(1, 2, sharey=True), ("best_valid_ppl", "test_ppl"),
                                  ("Best valid perplexity", "Test perplexity of that checkpoint")):

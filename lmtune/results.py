@@ -137,6 +137,14 @@ def load_results(folder: str | Path) -> Results:
     return Results(folder, trials, history, experiment, base, summary, analysis)
 
 
+def results_frame(runs: list[Results]) -> pd.DataFrame:
+    """The cross-experiment table (COMPARE_COLUMNS) from loaded results, reported or not (then without test ppl)."""
+    tables = [r.family_table().assign(experiment=r.name, dataset=r.experiment.dataset if r.experiment else None)
+              for r in runs]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COMPARE_COLUMNS)
+    return table[COMPARE_COLUMNS].sort_values(["dataset", "best_valid_ppl"], kind="stable", ignore_index=True)
+
+
 def summary_frame(summaries: list[dict[str, Any]]) -> pd.DataFrame:
     """The cross-experiment table (COMPARE_COLUMNS, then any extra): one row per experiment and family."""
     rows = [{"experiment": s["experiment"], "dataset": s["dataset"], **row} for s in summaries for row in s["families"]]
