@@ -82,8 +82,9 @@ def param_effects(results: Results) -> Figure:
             for (family, how), group in present.groupby(["family", "status"], sort=False):
                 ax.scatter(group[name], group["best_valid_ppl"], marker=MARKERS.get(how, "o"), color=colors[family],
                            label=f"{family} ({how})", alpha=0.8)
-            if name.endswith("lr") or (values > 0).all() and values.max() / values[values > 0].min() > 100:
-                ax.set_xscale("log")
+            shown = present[name]
+            if name.endswith(".lr") or ((shown > 0).all() and shown.max() > 100 * shown.min()):
+                ax.set_xscale("log")  # rates and the like: searched on a log scale
         else:  # a choice: one box per value
             groups = present.groupby(present[name].astype(str), sort=True)["best_valid_ppl"]
             ax.boxplot([g.to_numpy() for _, g in groups], tick_labels=[k for k, _ in groups])

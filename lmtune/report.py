@@ -23,6 +23,7 @@ import yaml
 
 from lmcore import files
 from lmtune.results import COMPARE_COLUMNS, FAMILY_COLUMNS, SUMMARY_FILE, Results, compare_frame, load_results
+from lmtune.schema import ReportSpec
 from lmtune.tables import markdown, write_table
 from lmtune.trainable import CHECKPOINT_FILE
 
@@ -33,7 +34,7 @@ def report(folder: str | Path, evaluate: bool = True) -> dict[str, Any]:
     """Write all tables and the summary for one experiment folder; returns the summary."""
     results = load_results(folder)
     folder = results.folder
-    top_k = results.experiment.report.top_k if results.experiment else 5
+    top_k = (results.experiment.report if results.experiment else ReportSpec()).top_k
     families = results.best_per_family()
     evals = final_evaluation(results, families["trial_id"].tolist()) if evaluate else {}
     families["valid_ppl"] = families["trial_id"].map(lambda t: evals.get(t, {}).get("valid_ppl", math.nan))

@@ -9,10 +9,10 @@ from pathlib import Path
 import yaml
 
 from lmcore.config import flatten
+from lmtune.results import SNAPSHOT_FILE  # the validated experiment, compared on resume
 from lmtune.schema import Experiment, ExperimentError
 from lmtune.search import STUDY_FILE, make_scheduler, make_searcher
 
-SNAPSHOT_FILE = "experiment.yaml"  # the validated experiment, compared on resume
 NEVER_STARTED = {SNAPSHOT_FILE, STUDY_FILE}  # all a folder holds if it stopped before Ray's first snapshot
 
 
