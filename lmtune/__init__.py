@@ -5,8 +5,9 @@
     run_experiment(exp)
     results = load_results(exp.folder)          # pandas DataFrames
     results.trials.sort_values("best_valid_ppl").head()
+    from lmtune import plots; plots.learning_curves(results)   # matplotlib Figures
 """
-from lmtune.results import Results, compare_frame, load_results
+from lmtune.results import Results, compare_frame, load_results, results_frame
 from lmtune.schema import Experiment, ExperimentError, load_experiment
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "compare_frame",
     "load_experiment",
     "load_results",
+    "results_frame",
     "run_experiment",
 ]
 

@@ -4,6 +4,7 @@
     python tune.py check experiments/ptb_mogrify.yaml      # validate and show the search space; runs nothing
     python tune.py report results/ptb_mogrify             # tables + test evaluation of the best checkpoints
     python tune.py compare results/ptb_mogrify results/ptb_lstm results/ptb_transformer
+    python tune.py export-best results/ptb_mogrify --out best.yaml   # for: python -m lmcore train --config best.yaml
 """
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import sys
 from pathlib import Path
 
 from lmcore import files
-from lmcore.config import Config
+from lmcore.config import Config, make_config
 from lmcore.data import DataError
 from lmcore.exitcodes import ExitCode
 from lmtune.schema import Experiment, ExperimentError, load_experiment
 
-COMMANDS = ("run", "check", "report", "compare")
+COMMANDS = ("run", "check", "report", "compare", "export-best")
 WIDTH_DRAWS = 16  # random draws of the space over which `check` shows each family's width
+MANAGED_PER_TRIAL = ("train.threads", "train.device", "train.progress")  # the tuner's choices, not the recipe's
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,27 +117,57 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def compare_command(args: argparse.Namespace) -> int:
+    from lmtune import plots
     from lmtune.report import compare
+    from lmtune.results import load_results
     from lmtune.tables import markdown
 
     folders = [_experiment_folder(f) for f in args.folders]
     table = compare(folders)
     out = Path(args.out) if args.out else folders[0].parent / "comparison"
-    table.to_csv(out.with_suffix(".csv"), index=False)
-    out.with_suffix(".md").write_text(markdown(table) + "\n")
+    files.write_text(out.with_suffix(".csv"), table.to_csv(index=False))
+    files.write_text(out.with_suffix(".md"), markdown(table) + "\n")
+    plots.save_png(plots.comparison([load_results(f) for f in folders]), out.with_suffix(".png"))
     print(markdown(table))
-    print(f"\nwritten: {out.with_suffix('.md')}, {out.with_suffix('.csv')}")
+    print(f"\nwritten: {out.with_suffix('.md')}, {out.with_suffix('.csv')}, {out.with_suffix('.png')}")
+    return 0
+
+
+def export_best(args: argparse.Namespace) -> int:
+    """The best trial's full lmcore config as a YAML file that `python -m lmcore train --config` reruns."""
+    import yaml
+
+    from lmtune.results import load_results
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ExperimentError(f"{out}: exists; pass --force to overwrite it, or --out another file")
+    results = load_results(_experiment_folder(args.folder))
+    ranked = results.ranked()
+    if args.family:
+        ranked = ranked[ranked["family"] == args.family]
+    if ranked.empty:
+        families = ", ".join(sorted(results.ranked()["family"].unique())) or "none"
+        raise ExperimentError(f"{args.folder}: no finished trial{' of family ' + args.family if args.family else ''}"
+                              f" to export (families with one: {families})")
+    best = ranked.iloc[0]
+    settings = {k: v for k, v in results.config(best["trial_id"]).flat().items() if k not in MANAGED_PER_TRIAL}
+    rerun = f"python -m lmcore train --run-name {results.name}_{best['trial_id']} --config {out}"
+    header = (f"# The best {best['family']} trial ({best['trial_id']}, best valid ppl {best['best_valid_ppl']:.2f}) "
+              f"of {results.folder}\n# rerun: {rerun}\n")
+    files.write_text(out, header + yaml.safe_dump(make_config({}, settings).model_dump(), sort_keys=False))
+    print(f"written: {out}\nrerun it (add --set train.epochs=N or train.seed=S to change it): {rerun}")
     return 0
 
 
 def _print_summary(folder: Path, summary: dict) -> None:
-    from lmtune.report import COMPARE_COLUMNS
-    from lmtune.results import compare_frame
+    """The table of what `report` just wrote, from the summary it returned."""
+    from lmtune.results import summary_frame
     from lmtune.tables import markdown
 
     print(f"\n{summary['experiment']}: {summary['trials']} trials, {summary['status']}")
-    print(markdown(compare_frame([folder])[COMPARE_COLUMNS]))
-    print(f"\ntables and summary: {folder}/summary.md (trials, top_k, best_per_family as .md/.csv)")
+    print(markdown(summary_frame([summary])))
+    print(f"\ntables, figures and summary: {folder}/summary.md (trials, top_k, best_per_family as .md/.csv)")
 
 
 def _experiment_folder(path: str) -> Path:
@@ -178,8 +210,16 @@ def _parser() -> argparse.ArgumentParser:
 
     compare_parser = commands.add_parser("compare", help="one table over several experiment folders")
     compare_parser.add_argument("folders", nargs="+")
-    compare_parser.add_argument("--out", default=None, help="file stem for .md/.csv (default: <storage>/comparison)")
+    compare_parser.add_argument("--out", default=None,
+                                help="file stem for .md/.csv/.png (default: <storage>/comparison)")
     compare_parser.set_defaults(handler=compare_command)
+
+    export_parser = commands.add_parser("export-best", help="the best trial's config, for `python -m lmcore train`")
+    export_parser.add_argument("folder")
+    export_parser.add_argument("--family", default=None, help="the best trial of this model family")
+    export_parser.add_argument("--out", default="best.yaml", help="the YAML file to write (default: best.yaml)")
+    export_parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    export_parser.set_defaults(handler=export_best)
     return parser
 
 

@@ -21,13 +21,11 @@ import yaml
 
 from lmcore import files
 from lmcore.config import flatten
-from lmtune.results import ray_folder
+from lmtune.results import SNAPSHOT_FILE, ray_folder
 from lmtune.schema import Experiment, ExperimentError
 
-SNAPSHOT_FILE = "experiment.yaml"
 STUDY_FILE = "optuna.db"  # `optuna-dashboard sqlite:///<experiment folder>/optuna.db`
 LOCK_FILE = ".lock"
-RAY_FOLDER = "ray"  # Ray's experiment (RunConfig storage_path=folder, name="ray"); see results.ray_folder
 OURS = {SNAPSHOT_FILE, STUDY_FILE, LOCK_FILE}  # all a folder holds if it stopped before Ray's first snapshot
 GROWABLE = "trials"  # the one setting a resumed study may change (upwards)
 

@@ -6,7 +6,10 @@ Files written to the experiment folder:
     best_per_family.{md,csv}          each family's best trial, with its valid and test perplexity
     history.parquet                   every trial's per-epoch metrics (learning curves)
     final_eval.json                   test-split results, cached per checkpoint (test is evaluated once)
-    summary.{json,md}                 the above in one place; `tune.py compare` reads summary.json
+    curves.png, params.png,           the figures of lmtune/plots.py (learning curves, the effect of each setting,
+    importance.png, progress.png      Optuna's parameter importances, the search's progress)
+    summary.{json,md}                 the above in one place (summary.md shows the figures); `tune.py compare`
+                                      reads summary.json
 """
 from __future__ import annotations
 
@@ -18,20 +21,20 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from lmtune.results import SUMMARY_FILE, Results, compare_frame, load_results
+from lmcore import files
+from lmtune.results import COMPARE_COLUMNS, FAMILY_COLUMNS, SUMMARY_FILE, Results, compare_frame, load_results
+from lmtune.schema import ReportSpec
 from lmtune.tables import markdown, write_table
 from lmtune.trainable import CHECKPOINT_FILE
 
 FINAL_EVAL_FILE = "final_eval.json"
-FAMILY_COLUMNS = ["family", "trial_id", "params", "best_valid_ppl", "valid_ppl", "test_ppl", "trials", "compute_h"]
-COMPARE_COLUMNS = ["experiment", "dataset", *FAMILY_COLUMNS]
 
 
 def report(folder: str | Path, evaluate: bool = True) -> dict[str, Any]:
     """Write all tables and the summary for one experiment folder; returns the summary."""
     results = load_results(folder)
     folder = results.folder
-    top_k = results.experiment.get("report", {}).get("top_k", 5)
+    top_k = (results.experiment.report if results.experiment else ReportSpec()).top_k
     families = results.best_per_family()
     evals = final_evaluation(results, families["trial_id"].tolist()) if evaluate else {}
     families["valid_ppl"] = families["trial_id"].map(lambda t: evals.get(t, {}).get("valid_ppl", math.nan))
@@ -41,11 +44,21 @@ def report(folder: str | Path, evaluate: bool = True) -> dict[str, Any]:
     write_table(results.trials, folder, "trials")
     write_table(results.top(top_k), folder, "top_k", parquet=False)
     write_table(families, folder, "best_per_family", parquet=False)
-    results.history.to_parquet(folder / "history.parquet", index=False)
+    files.write_atomically(folder / "history.parquet", lambda f: results.history.to_parquet(f, index=False))
+    figures = write_figures(results)
     summary = _summary(results, families, evals)
-    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=_json_value) + "\n")
-    (folder / "summary.md").write_text(_summary_markdown(summary, results, families, top_k))
+    files.write_text(folder / SUMMARY_FILE, json.dumps(summary, indent=2, default=_json_value) + "\n")
+    files.write_text(folder / "summary.md", _summary_markdown(summary, results, families, top_k, figures))
     return summary
+
+
+def write_figures(results: Results) -> list[str]:
+    """The PNG figures of lmtune/plots.py, beside the tables; returns their file names."""
+    from lmtune.plots import FIGURES, save_png
+
+    for name, draw in FIGURES.items():
+        save_png(draw(results), results.folder / name)
+    return list(FIGURES)
 
 
 def final_evaluation(results: Results, trial_ids: list[str]) -> dict[str, dict[str, Any]]:
@@ -61,7 +74,7 @@ def final_evaluation(results: Results, trial_ids: list[str]) -> dict[str, dict[s
         if key not in cache:
             print(f"Evaluating the best checkpoint of trial {trial_id} on valid and test: {key}")
             cache[key] = evaluate_checkpoint(checkpoint / CHECKPOINT_FILE)
-            cache_file.write_text(json.dumps(cache, indent=2) + "\n")
+            files.write_text(cache_file, json.dumps(cache, indent=2) + "\n")
         evals[trial_id] = {**cache[key], "checkpoint": key}
     return evals
 
@@ -90,11 +103,11 @@ def _summary(results: Results, families: pd.DataFrame, evals: dict[str, dict[str
     best_id = families["trial_id"].iloc[0] if len(families) else None
     best_row = results.trials.set_index("trial_id").loc[best_id] if best_id else None
     return {
-        "experiment": exp.get("name", results.folder.name),
-        "dataset": exp.get("dataset"),
-        "metric": exp.get("metric"),
-        "mode": exp.get("mode"),
-        "trials_configured": exp.get("trials"),
+        "experiment": results.name,
+        "dataset": exp.dataset if exp else None,
+        "metric": exp.metric if exp else None,
+        "mode": exp.mode if exp else None,
+        "trials_configured": exp.trials if exp else None,
         "trials": len(trials),
         "status": trials["status"].value_counts().to_dict() if len(trials) else {},
         "compute_h": float(trials["time_s"].sum() / 3600) if len(trials) else 0.0,
@@ -111,7 +124,8 @@ def _summary(results: Results, families: pd.DataFrame, evals: dict[str, dict[str
     }
 
 
-def _summary_markdown(summary: dict[str, Any], results: Results, families: pd.DataFrame, top_k: int) -> str:
+def _summary_markdown(summary: dict[str, Any], results: Results, families: pd.DataFrame, top_k: int,
+                      figures: list[str]) -> str:
     best = summary["best"] or {}
     status = ", ".join(f"{n} {s}" for s, n in summary["status"].items())
     lines = [
@@ -128,6 +142,7 @@ def _summary_markdown(summary: dict[str, Any], results: Results, families: pd.Da
             "",
         ]
     lines += ["## Best per family", "", markdown(families), "", f"## Top {top_k}", "", markdown(results.top(top_k)), ""]
+    lines += ["## Figures", ""] + [f"![{Path(name).stem}]({name})" for name in figures] + [""]
     if best.get("config"):
         config = yaml.safe_dump(best["config"], sort_keys=False).strip()
         lines += ["## Best configuration", "", "```yaml", config, "```", ""]

@@ -1,9 +1,10 @@
-"""An experiment's results as pandas DataFrames: the API the tables, the reports and notebooks read.
+"""An experiment's results as pandas DataFrames: the API the tables, figures, reports and notebooks read.
 
     results = load_results("results/ptb_mogrify")
-    results.trials          # one row per trial: status, epochs, best_valid_ppl, params, tokens/s, time, config
-    results.history         # one row per trial and epoch: learning curves
-    results.top(5); results.best_per_family(); results.summary   # summary: after `tune.py report`
+    results                 # Results('results/ptb_mogrify': 8 trials (5 completed, 3 early-stopped), best ...)
+    results.trials          # one row per trial: status, epochs, best_valid_ppl, params, tokens/s, time, settings
+    results.history         # one row per trial and epoch (learning curves), with the trial's family and settings
+    results.top(5); results.best_per_family(); results.config(trial_id); results.summary  # after `tune.py report`
 """
 from __future__ import annotations
 
@@ -14,28 +15,50 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
+from lmcore import files
+from lmcore.config import Config, make_config
 from lmcore.train import EpochMetrics
+from lmtune.schema import ExperimentSpec
 from lmtune.space import trial_settings
 
+SNAPSHOT_FILE = "experiment.yaml"  # the validated experiment, written at the start and compared on resume
 SUMMARY_FILE = "summary.json"
-HISTORY_COLUMNS = [*(k for k in EpochMetrics.__annotations__ if k != "params"), "time_total_s"]
+RAY_FOLDER = "ray"  # Ray's experiment state and trial folders, out of the way of the tables and figures
+HISTORY_COLUMNS = [*(k for k in EpochMetrics.__annotations__ if k != "params"), "time_total_s", "timestamp"]
 RANKED = ("completed", "early-stopped", "running", "paused", "pending")  # not diverged, not error
+# The tables' columns, defined once: each family's best trial, and the same over several experiments.
+FAMILY_COLUMNS = ["family", "trial_id", "params", "best_valid_ppl", "valid_ppl", "test_ppl", "trials", "compute_h"]
+COMPARE_COLUMNS = ["experiment", "dataset", *FAMILY_COLUMNS]
 
 
-@dataclass
+@dataclass(repr=False)
 class Results:
     folder: Path
     trials: pd.DataFrame
     history: pd.DataFrame
-    experiment: dict[str, Any] = field(default_factory=dict)  # the experiment.yaml snapshot
+    experiment: ExperimentSpec | None = None  # the experiment.yaml snapshot (None for a folder without one)
+    base: dict[str, Any] = field(default_factory=dict)  # the lmcore settings every trial shared (dotted names)
     summary: dict[str, Any] = field(default_factory=dict)
-    analysis: Any = field(default=None, repr=False)  # Ray's ExperimentAnalysis, for checkpoints
+    analysis: Any = None  # Ray's ExperimentAnalysis, for checkpoints
+
+    @property
+    def name(self) -> str:
+        return self.experiment.name if self.experiment else self.folder.name
+
+    def __repr__(self) -> str:
+        counts = self.trials["status"].value_counts() if len(self.trials) else pd.Series(dtype=int)
+        status = ", ".join(f"{n} {s}" for s, n in counts.items())
+        text = f"Results('{self.folder}': {len(self.trials)} trials ({status or 'none'})"
+        best = self.top(1)
+        if len(best):
+            row = best.iloc[0]
+            text += f", best valid ppl {row['best_valid_ppl']:.2f}: trial {row['trial_id']} ({row['family']})"
+        return text + ")"
 
     def ranked(self) -> pd.DataFrame:
         """Trials with a usable best valid perplexity, best first (diverged and errored ones excluded)."""
-        ok = self.trials[self.trials["status"].isin(RANKED) & self.trials["best_valid_ppl"].map(_finite)]
+        ok = self.trials[self.trials["status"].isin(RANKED) & self.trials["best_valid_ppl"].map(finite)]
         return ok.sort_values("best_valid_ppl", kind="stable")
 
     def top(self, k: int = 5) -> pd.DataFrame:
@@ -50,6 +73,21 @@ class Results:
         best = best.join(per_family, how="left").reset_index()
         return best.sort_values("best_valid_ppl", kind="stable")
 
+    def family_table(self) -> pd.DataFrame:
+        """FAMILY_COLUMNS: the reported table (with test perplexity) once `tune.py report` ran, else one without."""
+        if self.summary.get("families"):
+            return pd.DataFrame(self.summary["families"]).reindex(columns=FAMILY_COLUMNS)
+        return self.best_per_family().reindex(columns=FAMILY_COLUMNS)
+
+    def config(self, trial_id: str) -> Config:
+        """The trial's full lmcore config: the experiment's shared settings plus what Optuna chose."""
+        trial = next(t for t in self.analysis.trials if t.trial_id == trial_id)
+        return make_config({}, {**self.base, **trial_settings(trial.config or {})})
+
+    def searched(self) -> list[str]:
+        """The settings the search chose (the trials' dotted columns), model.family excluded."""
+        return [c for c in self.trials.columns if "." in c]
+
     def best_checkpoint(self, trial_id: str) -> Path | None:
         """The folder of the trial's checkpoint with the lowest valid perplexity."""
         trial = next(t for t in self.analysis.trials if t.trial_id == trial_id)
@@ -57,48 +95,72 @@ class Results:
         return Path(checkpoint.path) if checkpoint else None
 
 
+def ray_folder(folder: str | Path) -> Path:
+    """Where Ray keeps the experiment's state and trial folders: folder/ray/, or the folder itself (older runs)."""
+    folder = Path(folder)
+    return folder / RAY_FOLDER if (folder / RAY_FOLDER).is_dir() else folder
+
+
+def read_snapshot(folder: str | Path) -> tuple[ExperimentSpec | None, dict[str, Any]]:
+    """The experiment.yaml snapshot back through the schema: (the experiment's spec, its shared lmcore settings)."""
+    path = Path(folder) / SNAPSHOT_FILE
+    if not path.exists():
+        return None, {}
+    raw = files.read_yaml(path)
+    base = raw.pop("base", {}) or {}
+    # The snapshot keeps the search space as its description (lines of text), not the file it came from.
+    raw["search_space"] = "\n".join(raw.pop("space", None) or [])
+    return ExperimentSpec.model_validate(raw), base
+
+
 def load_results(folder: str | Path) -> Results:
     """Read an experiment folder (finished or not) into DataFrames. Needs no running Ray."""
     from ray.tune import ExperimentAnalysis
 
     folder = Path(folder).resolve()
-    snapshot_file = folder / "experiment.yaml"
-    experiment = yaml.safe_load(snapshot_file.read_text()) if snapshot_file.exists() else {}
-    max_epochs = experiment.get("scheduler", {}).get("max_epochs")
+    experiment, base = read_snapshot(folder)
+    max_epochs = experiment.scheduler.max_epochs if experiment else None
     analysis = ExperimentAnalysis(str(ray_folder(folder)))
     frames = analysis.trial_dataframes
     rows, curves = [], []
     for trial in analysis.trials:
         history = _history(frames.get(trial.trial_id), trial.trial_id)
-        rows.append(_trial_row(trial, history, max_epochs))
-        curves.append(history)
+        row = _trial_row(trial, history, max_epochs)
+        rows.append(row)
+        settings = {k: v for k, v in row.items() if "." in k}
+        curves.append(history.assign(family=row["family"], **settings))
     trials = pd.DataFrame(rows, columns=_columns(rows))
+    trials = trials.sort_values("started_at", kind="stable", ignore_index=True)  # the order the search made them
     history = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["trial_id", *HISTORY_COLUMNS])
     summary_file = folder / SUMMARY_FILE
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    return Results(folder, trials, history, experiment, summary, analysis)
+    return Results(folder, trials, history, experiment, base, summary, analysis)
 
 
-def ray_folder(folder: str | Path) -> Path:
-    """Where Ray's experiment lives: folder/ray, or the folder itself for results written before that layout."""
-    folder = Path(folder)
-    return folder / "ray" if (folder / "ray").is_dir() else folder
+def results_frame(runs: list[Results]) -> pd.DataFrame:
+    """The cross-experiment table (COMPARE_COLUMNS) from loaded results, reported or not (then without test ppl)."""
+    tables = [r.family_table().assign(experiment=r.name, dataset=r.experiment.dataset if r.experiment else None)
+              for r in runs]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COMPARE_COLUMNS)
+    return table[COMPARE_COLUMNS].sort_values(["dataset", "best_valid_ppl"], kind="stable", ignore_index=True)
+
+
+def summary_frame(summaries: list[dict[str, Any]]) -> pd.DataFrame:
+    """The cross-experiment table (COMPARE_COLUMNS, then any extra): one row per experiment and family."""
+    rows = [{"experiment": s["experiment"], "dataset": s["dataset"], **row} for s in summaries for row in s["families"]]
+    table = pd.DataFrame(rows, columns=list(dict.fromkeys([*COMPARE_COLUMNS, *(k for row in rows for k in row)])))
+    return table.sort_values(["dataset", "best_valid_ppl"], kind="stable", ignore_index=True)
 
 
 def compare_frame(folders: list[str | Path]) -> pd.DataFrame:
-    """The cross-experiment table: one row per experiment and family (needs each folder's summary.json)."""
-    rows = []
+    """summary_frame over experiment folders (needs each folder's summary.json, written by `tune.py report`)."""
+    summaries = []
     for folder in folders:
         summary_file = Path(folder) / SUMMARY_FILE
         if not summary_file.exists():
             raise FileNotFoundError(f"{folder}: no {SUMMARY_FILE}; run `python tune.py report {folder}` first")
-        summary = json.loads(summary_file.read_text())
-        for row in summary["families"]:
-            rows.append({"experiment": summary["experiment"], "dataset": summary["dataset"], **row})
-    columns = ["experiment", "dataset", "family", "trial_id", "params", "best_valid_ppl", "valid_ppl", "test_ppl",
-               "trials", "compute_h"]
-    table = pd.DataFrame(rows, columns=list(dict.fromkeys([*columns, *(k for row in rows for k in row)])))
-    return table.sort_values(["dataset", "best_valid_ppl"], kind="stable", ignore_index=True)
+        summaries.append(json.loads(summary_file.read_text()))
+    return summary_frame(summaries)
 
 
 def _history(frame: pd.DataFrame | None, trial_id: str) -> pd.DataFrame:
@@ -127,6 +189,8 @@ def _trial_row(trial, history: pd.DataFrame, max_epochs: int | None) -> dict[str
         "params": last.get("params"),
         "tokens_per_s": _median(history, "tokens_per_s"),
         "time_s": float(last.get("time_total_s", 0.0)),
+        "started_at": _started_at(history),
+        "finished_at": float(last.get("timestamp", math.nan)),
         **{k: v for k, v in config.items() if k != "model.family"},
         "error": _error_message(trial) if trial.status == "ERROR" else "",
     }
@@ -143,10 +207,18 @@ def trial_status(ray_status: str, last: dict[str, Any], epochs: int, max_epochs:
     return ray_status.lower()
 
 
+def _started_at(history: pd.DataFrame) -> float:
+    """Unix time the trial started: its first report's time less the training time before it."""
+    if not {"timestamp", "time_total_s"} <= set(history.columns) or history.empty:
+        return math.nan
+    first = history.iloc[0]
+    return float(first["timestamp"] - first["time_total_s"])
+
+
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
     columns = list(dict.fromkeys(k for row in rows for k in row if k != "error"))
     return columns + ["error"] if columns else ["trial_id", "family", "status", "epochs", "best_valid_ppl", "time_s",
-                                                "error"]
+                                                "started_at", "finished_at", "error"]
 
 
 def _error_message(trial) -> str:
@@ -163,7 +235,7 @@ def _median(frame: pd.DataFrame, column: str) -> float:
     return float(frame[column].median()) if column in frame and len(frame) else math.nan
 
 
-def _finite(x: Any) -> bool:
+def finite(x: Any) -> bool:
     try:
         return math.isfinite(float(x))
     except (TypeError, ValueError):

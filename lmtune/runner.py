@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import socket
 
-from lmtune.folder import RAY_FOLDER, STUDY_FILE, FolderLock, Plan, check_folder, prepare_folder
-from lmtune.results import ray_folder
+from lmtune.folder import STUDY_FILE, FolderLock, Plan, check_folder, prepare_folder
+from lmtune.results import RAY_FOLDER, ray_folder
 from lmtune.schema import Experiment
 from lmtune.search import make_scheduler, make_searcher, set_trials
 
@@ -85,6 +85,7 @@ def _fit(exp: Experiment, plan: Plan) -> bool:
                 ),
                 failure_config=tune.FailureConfig(max_failures=exp.spec.failure.max_failures),
                 progress_reporter=make_reporter(exp),
+                callbacks=make_loggers(exp),
                 verbose=1,
             ),
         )
@@ -133,6 +134,21 @@ def _load_corpus(name: str, data_dir: str | None) -> None:
     import lmcore
 
     lmcore.load_corpus(name, data_dir)
+
+
+def make_loggers(exp: Experiment) -> list:
+    """Ray Tune's logger callbacks for the trackers named in the experiment's `loggers` (installed as extras).
+    MLflow logs where $MLFLOW_TRACKING_URI says; W&B to the project named after the experiment ($WANDB_MODE)."""
+    callbacks = []
+    if "mlflow" in exp.spec.loggers:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+        callbacks.append(MLflowLoggerCallback(experiment_name=exp.name))
+    if "wandb" in exp.spec.loggers:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        callbacks.append(WandbLoggerCallback(project=exp.name, dir=str(exp.folder)))  # W&B's run files: in it
+    return callbacks
 
 
 def make_reporter(exp: Experiment):

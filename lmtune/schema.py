@@ -5,6 +5,7 @@ Every problem becomes one line naming the file and the field (`experiments/x.yam
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -112,6 +113,18 @@ class ExperimentSpec(_Strict):
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    loggers: list[Literal["mlflow", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers Ray Tune logs every trial to (the [trackers] extra)"
+    )
+
+    @field_validator("loggers")
+    @classmethod
+    def _trackers_installed(cls, loggers: list[str]) -> list[str]:
+        missing = [name for name in loggers if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed: pip install {' '.join(missing)} "
+                             "(or the project's [trackers] extra)")
+        return list(dict.fromkeys(loggers))
 
     @field_validator("storage")
     @classmethod
@@ -146,8 +159,8 @@ class Experiment:
 
     def snapshot(self) -> dict[str, Any]:
         """What resuming must not change; saved as experiment.yaml in the folder. The fixed settings are in `base`,
-        resolved (however a file spells them: nested, dotted, through `extends`)."""
-        spec = self.spec.model_dump(mode="json", exclude={"search_space", "description", "fixed"})
+        resolved (however a file spells them: nested, dotted, through `extends`). Trackers may change."""
+        spec = self.spec.model_dump(mode="json", exclude={"search_space", "description", "fixed", "loggers"})
         return {**spec, "space": self.space.describe().splitlines(), "base": self.base.flat()}
 
 

@@ -13,6 +13,8 @@ from ray.tune.search.optuna import OptunaSearch
 from lmtune.folder import STUDY_FILE
 from lmtune.schema import Experiment
 
+RAY_TRIAL_ID = "ray_trial_id"  # the user attribute of each Optuna trial naming its Ray trial
+
 
 class StudySearch(OptunaSearch):
     """OptunaSearch whose SQLite study stays consistent when the driver is killed and the run restored.
@@ -21,6 +23,12 @@ class StudySearch(OptunaSearch):
     but Optuna writes each `ask` to SQLite at once. Trials asked after the last snapshot belong to no Ray trial
     after a restore; they are closed as FAIL so the study does not show them running forever.
     """
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if trial_id in self._ot_trials:  # so optuna-dashboard's trials can be matched to the tables' rows
+            self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
+        return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         try:

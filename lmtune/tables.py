@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lmcore import files
+
 
 def write_table(frame: pd.DataFrame, folder: Path, stem: str, parquet: bool = True) -> None:
-    frame.to_csv(folder / f"{stem}.csv", index=False)
-    (folder / f"{stem}.md").write_text(markdown(frame) + "\n")
+    files.write_text(folder / f"{stem}.csv", frame.to_csv(index=False))
+    files.write_text(folder / f"{stem}.md", markdown(frame) + "\n")
     if parquet:
         # Parquet needs one type per column; config columns may mix None with numbers or strings.
-        frame.astype({c: "string" for c in frame.columns if frame[c].dtype == object}).to_parquet(
-            folder / f"{stem}.parquet", index=False
-        )
+        typed = frame.astype({c: "string" for c in frame.columns if frame[c].dtype == object})
+        files.write_atomically(folder / f"{stem}.parquet", lambda f: typed.to_parquet(f, index=False))
 
 
 def markdown(frame: pd.DataFrame) -> str:

@@ -186,3 +186,32 @@ def wait_for(condition, what: str, timeout: float = 600, poll: float = 0.5, log:
             pytest.fail(f"waited {scaled(timeout):.0f} s for {what}" + (f"; the process printed:\n{shown}" * bool(log)))
         time.sleep(poll)
     return value
+
+
+def run_tune(*args: str, timeout: float = 900, env: dict | None = None):
+    """`python tune.py ARGS` in a subprocess (this checkout's code), under `run_process`'s scaled limit."""
+    import sys
+
+    return run_process([sys.executable, str(REPO_ROOT / "tune.py"), *args], timeout=timeout, cwd=REPO_ROOT,
+                       env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def reported_experiment(tmp_path_factory, markov_corpus_dir) -> Path:
+    """The folder of one finished and reported tiny experiment (run once per session through `tune.py`), with
+    completed trials, trials ASHA stopped early and diverged ones (Adam at lr 1e6): what figures and notebooks read.
+    """
+    tmp = tmp_path_factory.mktemp("reported")
+    path = write_tiny_experiment(
+        tmp / "tiny.yaml", markov_corpus_dir, tmp / "results",
+        search_space={"params": {
+            "model.family": {"choices": ["lstm", "gru"]},
+            "model.dropout.output": {"type": "float", "low": 0.0, "high": 0.3, "when": {"model.family": "gru"}},
+            "optim.lr": {"choices": [0.01, 0.001, 0.003, 1.0e6]},
+        }},
+        searcher={"sampler": "random", "seed": 2},
+        trials=8,
+    )
+    run = run_tune(str(path), "--num-cpus", "2", "--no-dashboard")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return tmp / "results" / "tiny"

@@ -1,9 +1,9 @@
-"""Result tables: trial status classification and the Markdown rendering."""
+"""Result tables: trial status classification, the Markdown rendering, the table columns and where Ray's files are."""
 import math
 
 import pandas as pd
 
-from lmtune.results import trial_status
+from lmtune.results import COMPARE_COLUMNS, FAMILY_COLUMNS, ray_folder, summary_frame, trial_status
 from lmtune.tables import markdown
 
 
@@ -32,3 +32,21 @@ def test_markdown_formats_numbers_for_reading():
     assert lines[2] == "| mogrifier | 24.01M | 55.12 | 12,346 | 0.001234 |  | false |"
     assert lines[3] == "| lstm | 2.9k | inf |  | 0.003 | 32 | true |"
     assert markdown(frame.iloc[:0]) == "(no trials)"
+
+
+def test_ray_folder_prefers_the_ray_subfolder(tmp_path):
+    assert ray_folder(tmp_path) == tmp_path  # an older experiment: Ray's files at the top
+    (tmp_path / "ray").mkdir()
+    assert ray_folder(tmp_path) == tmp_path / "ray"
+
+
+def test_summary_frame_columns_are_defined_once():
+    summary = {"experiment": "x", "dataset": "ptb", "families": [
+        {"family": "lstm", "trial_id": "b", "params": 10, "best_valid_ppl": 90.0, "valid_ppl": 90.0, "test_ppl": 88.0,
+         "trials": 2, "compute_h": 0.5},
+        {"family": "mogrifier", "trial_id": "a", "params": 10, "best_valid_ppl": 80.0, "valid_ppl": 80.0,
+         "test_ppl": 78.0, "trials": 2, "compute_h": 0.5},
+    ]}
+    table = summary_frame([summary])
+    assert list(table.columns) == COMPARE_COLUMNS == ["experiment", "dataset", *FAMILY_COLUMNS]
+    assert list(table["family"]) == ["mogrifier", "lstm"]  # best first

@@ -1,0 +1,116 @@
+"""The results API and the figures, on one real tiny experiment (completed, early-stopped and diverged trials):
+`tune.py` writes the figures beside the tables and summary.md shows them; `compare` draws one over experiments."""
+import shutil
+
+import optuna
+import pytest
+from matplotlib.figure import Figure
+
+from lmtune import load_results, plots
+from lmtune.cli import main
+from lmtune.results import Results, ray_folder
+from lmtune.schema import ExperimentSpec
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def results(reported_experiment) -> Results:
+    return load_results(reported_experiment)
+
+
+def test_the_experiment_has_every_kind_of_trial(results):
+    assert {"completed", "early-stopped", "diverged"} <= set(results.trials["status"])
+    assert set(results.trials["family"]) == {"lstm", "gru"}
+
+
+def test_report_writes_the_figures_and_summary_shows_them(reported_experiment):
+    summary = (reported_experiment / "summary.md").read_text()
+    for name in ("curves.png", "params.png", "importance.png", "progress.png"):
+        data = (reported_experiment / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000, name
+        assert f"]({name})" in summary  # a relative link: GitHub shows it beside the tables
+
+
+def test_results_repr_history_and_config(results, reported_experiment):
+    text = repr(results)
+    assert str(reported_experiment) in text and "8 trials (" in text and "early-stopped" in text
+    assert f"best valid ppl {results.top(1)['best_valid_ppl'].iloc[0]:.2f}" in text
+    assert isinstance(results.experiment, ExperimentSpec) and results.experiment.trials == 8
+    # every curve row carries its trial's family and searched settings: no merge needed to plot by family
+    merged = results.history.merge(results.trials[["trial_id", "family", "optim.lr"]], on="trial_id")
+    assert (merged["family_x"] == merged["family_y"]).all() and (merged["optim.lr_x"] == merged["optim.lr_y"]).all()
+    best = results.top(1).iloc[0]
+    config = results.config(best["trial_id"])
+    assert config.model.family == best["family"] and config.optim.lr == best["optim.lr"]
+    assert config.train.epochs == 3 and config.data.name == "text"
+
+
+def test_each_figure_has_titles_and_labels(results):
+    for draw in (plots.learning_curves, plots.best_vs_cost, plots.param_effects, plots.param_importances,
+                 plots.search_progress, lambda r: plots.comparison([r])):
+        fig = draw(results)
+        assert isinstance(fig, Figure)
+        shown = [ax for ax in fig.axes if ax.get_visible()]
+        assert shown and all(ax.get_title(loc="center") or ax.get_title(loc="left") for ax in shown)
+        assert all(ax.get_xlabel() and ax.get_ylabel() for ax in shown[:1])
+
+
+def test_early_stopped_and_diverged_trials_are_marked(results):
+    labels = plots.learning_curves(results).axes[1].get_legend_handles_labels()[1]
+    assert any("(early-stopped)" in label for label in labels) and any("(diverged)" in label for label in labels)
+    progress = plots.search_progress(results).axes[1].get_legend_handles_labels()[1]
+    assert {"early-stopped", "diverged", "completed"} <= set(progress)
+
+
+def test_best_so_far_ends_at_the_best_trial(results):
+    by_number = plots.search_progress(results).axes[0]
+    best_so_far = by_number.get_lines()[0].get_ydata()
+    assert best_so_far[-1] == pytest.approx(results.top(1)["best_valid_ppl"].iloc[0])
+    assert list(best_so_far) == sorted(best_so_far, reverse=True)  # never gets worse
+
+
+def test_importances_of_the_real_study(results):
+    fig = plots.param_importances(results)
+    assert "Parameter importances" in fig.axes[0].get_title(loc="left")
+    names = {label.get_text() for label in fig.axes[0].get_yticklabels()}
+    assert "optim.lr" in names
+
+
+def test_importances_without_enough_trials_is_a_note(results, tmp_path, capsys):
+    study = optuna.create_study(study_name=results.name, storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study.enqueue_trial({"x": 1.0})
+    study.optimize(lambda t: t.suggest_float("x", 0, 2), n_trials=1)
+    few = Results(tmp_path, results.trials, results.history, results.experiment)
+    fig = plots.param_importances(few)
+    assert "1 finished trials" in capsys.readouterr().out
+    assert "not available" in fig.texts[0].get_text()
+    plots.param_importances(Results(tmp_path / "none", results.trials, results.history, results.experiment))
+    assert "no optuna.db" in capsys.readouterr().out
+
+
+def test_the_study_names_each_ray_trial(results, reported_experiment):
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{reported_experiment / 'optuna.db'}")
+    assert {t.user_attrs.get("ray_trial_id") for t in study.trials} == set(results.trials["trial_id"])
+
+
+def test_compare_writes_a_figure(reported_experiment, tmp_path):
+    assert main(["compare", str(reported_experiment), "--out", str(tmp_path / "table")]) == 0
+    assert (tmp_path / "table.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (tmp_path / "table.md").read_text().startswith("| experiment |")
+
+
+def test_ray_files_may_live_in_a_ray_subfolder(reported_experiment, tmp_path):
+    """The agreed layout: Ray's state and trial folders in NAME/ray/; older folders keep them at the top."""
+    assert ray_folder(reported_experiment) == reported_experiment
+    folder = tmp_path / "tiny"
+    shutil.copytree(reported_experiment, folder)
+    (folder / "ray").mkdir()
+    for path in folder.iterdir():
+        if path.name.startswith(("experiment_state-", "search_gen_state-", "searcher-state-", "trial_", "tuner.pkl",
+                                 "basic-variant-state")):
+            path.rename(folder / "ray" / path.name)
+    assert ray_folder(folder) == folder / "ray"
+    moved = load_results(folder)
+    assert moved.trials["trial_id"].tolist() == load_results(reported_experiment).trials["trial_id"].tolist()
+    assert moved.best_checkpoint(moved.top(1)["trial_id"].iloc[0]).is_relative_to(folder / "ray")

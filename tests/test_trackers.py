@@ -1,0 +1,45 @@
+"""Experiment trackers: `loggers: [mlflow, wandb]` passes Ray Tune's logger callbacks through (tested offline:
+MLflow's local SQLite store, W&B's offline mode); a tracker that is not installed is refused before anything runs."""
+import importlib.util
+
+import pytest
+
+from conftest import run_tune
+from lmtune.cli import main
+
+
+def test_an_unknown_tracker_is_refused(tiny_experiment, capsys):
+    path = tiny_experiment(loggers=["comet"])
+    assert main(["check", str(path)]) == 2
+    assert f"{path}: loggers.0: Input should be 'mlflow' or 'wandb'" in capsys.readouterr().err
+
+
+def test_a_tracker_that_is_not_installed_is_refused(tiny_experiment, monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    path = tiny_experiment(loggers=["wandb"])
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: loggers: wandb not installed: pip install wandb" in err
+    assert not (path.parent / "results" / "tiny").exists()  # nothing launched, nothing written
+
+
+def test_trials_are_logged_to_mlflow_and_wandb_offline(tiny_experiment, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    path = tiny_experiment(
+        "tracked", loggers=["mlflow", "wandb"], trials=2, fixed={"model.family": "lstm"},
+        search_space={"params": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}},
+        scheduler={"type": "fifo", "max_epochs": 2},
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's local store (it refuses file:// stores since 3.x)
+    env = {"MLFLOW_TRACKING_URI": uri, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    run = run_tune(str(path), "--num-cpus", "2", "--no-dashboard", env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["tracked"])
+    assert len(runs) == 2 and runs["metrics.valid_ppl"].notna().all()
+    assert "params.optim.lr" in runs
+    offline = list((path.parent / "results" / "tracked" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2  # one W&B run per trial, in the experiment folder
