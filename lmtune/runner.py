@@ -9,11 +9,13 @@ from pathlib import Path
 import yaml
 
 from lmcore.config import flatten
+from lmtune import ray_guard
 from lmtune.schema import Experiment, ExperimentError
 from lmtune.search import STUDY_FILE, make_scheduler, make_searcher
 
 SNAPSHOT_FILE = "experiment.yaml"  # the validated experiment, compared on resume
 NEVER_STARTED = {SNAPSHOT_FILE, STUDY_FILE}  # all a folder holds if it stopped before Ray's first snapshot
+_guard = None  # the process that kills what is left of the Ray we started, when we exit however we exit
 
 
 def run_experiment(
@@ -64,6 +66,7 @@ def run_experiment(
                 num_samples=exp.spec.trials,
                 max_concurrent_trials=exp.spec.max_concurrent,
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+                reuse_actors=True,  # a trial's process serves the next: no worker start, torch import, corpus load
             ),
             run_config=tune.RunConfig(
                 name=exp.name,
@@ -78,9 +81,11 @@ def run_experiment(
                 verbose=1,
             ),
         )
-    results = tuner.fit()
-    if started:
-        ray.shutdown()
+    try:
+        results = tuner.fit()
+    finally:
+        if started:
+            stop_ray()
     return results.num_terminated + results.num_errors >= exp.spec.trials
 
 
@@ -120,26 +125,77 @@ def _check_same_experiment(exp: Experiment, folder: Path) -> None:
 
 
 def start_ray(address: str | None, num_cpus: int | None, dashboard: bool, host: str, port: int) -> None:
+    """Connect to the cluster at `address` (or $RAY_ADDRESS), else start a Ray of our own on this machine."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:  # an existing cluster: its own resources and dashboard
-        context = ray.init(address=address)
-    else:
-        context = ray.init(
-            address="local",  # a new Ray on this machine, never some other local cluster found by chance
-            num_cpus=num_cpus,
-            include_dashboard=dashboard,
-            dashboard_host=host,
-            dashboard_port=port,
-            logging_config=ray.LoggingConfig(log_level="WARNING"),  # no "checkpoint created" line per epoch
-        )
+        connect_ray(address)
+        return
+    global _guard
+    _guard = ray_guard.protect()  # first: it must see every process ray.init starts
+    dashboard_settings = {}
+    if dashboard:  # without it, no port is passed: --no-dashboard never binds one
+        port = free_port(host, port, "Ray dashboard")
+        dashboard_settings = {"dashboard_host": host, "dashboard_port": port}
+    context = ray.init(
+        address="local",  # a new Ray on this machine, never some other local cluster found by chance
+        num_cpus=num_cpus,
+        include_dashboard=dashboard,
+        **dashboard_settings,
+        logging_config=ray.LoggingConfig(log_level="WARNING"),  # no "checkpoint created" line per epoch
+    )
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}")
-        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":
             print("  it asks for Ray's auth token: print it with `ray get-auth-token`")
-        if host == "127.0.0.1" and not address:
+        if host == "127.0.0.1":
             print(f"  from another machine: ssh -L {port}:127.0.0.1:{port} {socket.gethostname()}")
+
+
+def stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
+    ray_guard.release(_guard)
+
+
+def connect_ray(address: str) -> None:
+    """Join an existing cluster; refused (e.g. for its auth token): an ExperimentError saying what to do."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    try:
+        ray.init(address=address, logging_config=ray.LoggingConfig(log_level="WARNING"))
+    except ConnectionError as err:
+        cause, refused = err, False
+        while cause is not None and not refused:
+            refused = isinstance(cause, AuthenticationError)
+            cause = cause.__cause__ or cause.__context__
+        if not refused:
+            raise ExperimentError(f"--address {address}: cannot connect to a Ray cluster there ({err})") from None
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        raise ExperimentError(
+            f"--address {address}: the Ray cluster refused this driver's auth token (RAY_AUTH_MODE is {mode}). "
+            "Its nodes use Ray's token authentication: run tune.py with their token, e.g. "
+            "`export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/path/to/the/cluster/token` (or RAY_AUTH_TOKEN=...); "
+            "scripts/local_cluster.sh writes these to its cluster.env. See docs/tuning.md, the cluster section."
+        ) from None
+
+
+def free_port(host: str, port: int, what: str) -> int:
+    """`port` if nothing holds it on `host`, else a free one (printed)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+            return port
+        except OSError:
+            pass
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        free = probe.getsockname()[1]
+    print(f"{what}: port {port} on {host} is busy (another Ray?), using port {free}")
+    return free
 
 
 def warm_other_nodes(name: str, data_dir: str | None) -> None:
