@@ -48,7 +48,7 @@ def run_experiment(
     print(f"Experiment folder: {folder}")
     print(f"  TensorBoard:      tensorboard --logdir {folder}")
     print(f"  Optuna dashboard: optuna-dashboard sqlite:///{folder / STUDY_FILE}")
-    warm_other_nodes(data.name, data.dir)
+    warm_nodes(data.name, data.dir, skip_here=started)
 
     resources = {"cpu": exp.spec.resources.cpus, "gpu": exp.spec.resources.gpus}
     trainable = tune.with_resources(tune.with_parameters(train_lm, base=exp.base.model_dump()), resources)
@@ -198,17 +198,18 @@ def free_port(host: str, port: int, what: str) -> int:
     return free
 
 
-def warm_other_nodes(name: str, data_dir: str | None) -> None:
-    """Tokenise the corpus once on every other node of the cluster (lmcore caches it on disk), not per trial."""
+def warm_nodes(name: str, data_dir: str | None, skip_here: bool) -> None:
+    """Tokenise the corpus once on every node of the cluster (lmcore caches it on disk), not per trial.
+    `skip_here`: the driver's node shares the driver's cache (a Ray we started: its workers have our environment)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = ray.get_runtime_context().get_node_id()
-    others = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here and n["Resources"].get("CPU")]
+    here = ray.get_runtime_context().get_node_id() if skip_here else None
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here and n["Resources"].get("CPU")]
     load = ray.remote(num_cpus=1)(_load_corpus)
     ray.get([
         load.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(name, data_dir)
-        for node in others
+        for node in nodes
     ])
 
 

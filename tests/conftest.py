@@ -142,3 +142,16 @@ def tiny_experiment(tmp_path, markov_corpus_dir):
     def make(name: str = "tiny", **changes) -> Path:
         return write_tiny_experiment(tmp_path / f"{name}.yaml", markov_corpus_dir, tmp_path / "results", **changes)
     return make
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> str:
+    """Runs a test on the CPU and, where there is one, on the CUDA device (`benchmarks/gpu_check.sh`)."""
+    import torch
+
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return request.param
