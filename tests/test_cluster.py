@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import write_tiny_experiment
 
 REPO = Path(__file__).resolve().parent.parent

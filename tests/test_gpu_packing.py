@@ -10,8 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from conftest import write_tiny_experiment
+
 from lmtune.trainable import DEVICE_OVERRIDE
 
 REPO = Path(__file__).resolve().parent.parent

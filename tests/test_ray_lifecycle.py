@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_tiny_experiment
+
 from lmtune import runner
 
 REPO = Path(__file__).resolve().parent.parent
