@@ -64,7 +64,7 @@ def run_experiment(
                 search_alg=make_searcher(exp, folder),
                 scheduler=make_scheduler(exp),
                 num_samples=exp.spec.trials,
-                max_concurrent_trials=exp.spec.max_concurrent,
+                max_concurrent_trials=exp.spec.max_concurrent or trials_that_fit(exp),
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
                 reuse_actors=True,  # a trial's process serves the next: no worker start, torch import, corpus load
             ),
@@ -124,6 +124,17 @@ def _check_same_experiment(exp: Experiment, folder: Path) -> None:
         )
 
 
+def trials_that_fit(exp: Experiment) -> int:
+    """How many trials the cluster's CPUs and GPUs hold at once. Tune, given a searcher but no concurrency
+    limit, creates one trial at a time and waits for its process to start before the next: a wave of N
+    trials then starts in N process start-ups instead of one."""
+    import ray
+
+    total = ray.cluster_resources()
+    per_trial = {"CPU": exp.spec.resources.cpus, "GPU": exp.spec.resources.gpus}
+    return max(1, min(int(total.get(name, 0) / need + 1e-9) for name, need in per_trial.items() if need))
+
+
 def start_ray(address: str | None, num_cpus: int | None, dashboard: bool, host: str, port: int) -> None:
     """Connect to the cluster at `address` (or $RAY_ADDRESS), else start a Ray of our own on this machine."""
     import ray
@@ -134,6 +145,8 @@ def start_ray(address: str | None, num_cpus: int | None, dashboard: bool, host: 
         return
     global _guard
     _guard = ray_guard.protect()  # first: it must see every process ray.init starts
+    # Ray's Prometheus endpoint listens on all interfaces, without the token, and nothing here reads it.
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
     dashboard_settings = {}
     if dashboard:  # without it, no port is passed: --no-dashboard never binds one
         port = free_port(host, port, "Ray dashboard")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ _corpora: dict[tuple[str, str | None], lmcore.Corpus] = {}  # per worker process
 
 def train_lm(config: dict[str, Any], base: dict[str, Any]) -> None:
     """`config` is what Optuna chose (dotted lmcore names); `base` the experiment's fixed settings."""
+    started_at = time.time()
     cpus, gpus = _trial_resources()
     device = "cuda" if gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to our share
     settings = {
@@ -36,12 +38,13 @@ def train_lm(config: dict[str, Any], base: dict[str, Any]) -> None:
     }
     run_config = make_config(base, settings)
     corpus = _corpus(run_config.data.name, run_config.data.dir)
-    # Where the trial ran, with every report: the tables ignore it, cluster and GPU checks read it.
+    # Where and when the trial ran, with every report: the tables ignore it; the cluster and GPU tests and
+    # benchmarks/tuner_overhead.py read it.
     placement = {"node_id": ray.get_runtime_context().get_node_id(), "device": device,
-                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "started_at": started_at}
 
     def report(metrics: dict[str, Any], save_checkpoint) -> None:
-        metrics = {**metrics, **placement}
+        metrics = {**metrics, **placement, "reported_at": time.time()}
         if metrics.get("diverged"):
             tune.report(metrics)  # recorded as diverged; no checkpoint of a NaN model
             return

@@ -1,6 +1,7 @@
 """The Ray a driver starts: its dashboard on a free port, nothing bound with --no-dashboard, and nothing of it
 left alive after the driver is SIGKILLed mid-study."""
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +41,13 @@ def guard_pids(driver: int) -> set[int]:
             if "ray_guard.py" in line and f" {driver} " in f"{line} " and line.split()[1][0] != "Z"}
 
 
+def listening(pids: set[int]) -> list[str]:
+    """The local addresses (host:port) on which `pids` listen for TCP connections."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    return [line.split()[3] for line in out.splitlines()
+            if any(int(part.split(",")[0]) in pids for part in line.split("pid=")[1:])]
+
+
 def kill(pids: set[int]) -> None:
     for pid in pids:
         try:
@@ -72,6 +80,14 @@ def test_a_sigkilled_driver_leaves_no_ray_process(tmp_path, markov_corpus_dir):
         ray_pids = session_pids(driver.pid) - {driver.pid}
         assert len(ray_pids) >= 3, "Ray's processes (gcs_server, raylet, workers...) share the driver's session"
         assert guard_pids(driver.pid), "the guard runs beside the driver"
+        # Network exposure: the dashboard on 127.0.0.1 only; no Prometheus endpoint on all interfaces.
+        # (Ray's gRPC servers listen on every interface, behind its auth token: docs/tuning.md.)
+        if shutil.which("ss"):
+            addresses = listening(ray_pids)
+            dashboard = said.split("Ray dashboard: http://")[1].split()[0]  # 127.0.0.1:PORT
+            on_its_port = [a for a in addresses if a.rsplit(":", 1)[1] == dashboard.rsplit(":", 1)[1]]
+            assert on_its_port == [dashboard], addresses
+            assert not [a for a in addresses if a.startswith("0.0.0.0:")], addresses
 
         driver.kill()  # SIGKILL: no chance to shut Ray down
         driver.wait()
@@ -118,4 +134,5 @@ def test_a_busy_port_is_replaced_by_a_free_one(capsys):
         assert free != port
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", free))  # it is free
-    assert f"Ray dashboard: port {port} on 127.0.0.1 is busy (another Ray?), using port {free}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"Ray dashboard: port {port} on 127.0.0.1 is busy (another Ray?), using port {free}" in said
