@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         if run.returncode != 0:
             print((folder / "tune.log").read_text()[-5000:])
             return 1
+        experiment = folder / "results" / "overhead"
         trials = [[json.loads(line) for line in f.read_text().splitlines()]
-                  for f in (folder / "results" / "overhead").glob("trial_*/result.json")]
+                  for f in experiment.glob("trial_*/result.json")]
         print_figures(trials, wall, started, args.cpus, train_seconds)
+        print_phases(experiment, trials, started, started + wall)
     print(f"# load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
@@ -133,6 +135,27 @@ def print_figures(trials: list[list[dict]], wall: float, started: float, cpus: i
     ]
     for name, value in rows:
         print(f"| {name:<32} | {value} |")
+
+
+def print_phases(folder: Path, trials: list[list[dict]], started: float, ended: float) -> None:
+    """Where the time before the first trial and after the last goes, from when the files appeared."""
+    def written(name: str) -> float:
+        return (folder / name).stat().st_mtime
+
+    first = min(t[0]["started_at"] for t in trials)
+    last = max(t[-1]["reported_at"] for t in trials)
+    marks = [
+        ("launch -> experiment.yaml", started, written("experiment.yaml"), "Python, imports, validation, corpus"),
+        ("-> Tune's storage marker", written("experiment.yaml"), written(".validate_storage_marker"),
+         "Ray start, corpus warm-up, searcher"),
+        ("-> first trial starts", written(".validate_storage_marker"), first, "trial process start, imports"),
+        ("last trial ends -> final_eval.json", last, written("final_eval.json"),
+         "Tune's end, Ray shutdown, results, test evaluation"),
+        ("-> summary.md", written("final_eval.json"), written("summary.md"), "tables"),
+        ("-> exit", written("summary.md"), ended, "printing, interpreter exit"),
+    ]
+    for name, start, end, what in marks:
+        print(f"| {name:<36} | {end - start:6.1f} s | {what} |")
 
 
 if __name__ == "__main__":
