@@ -155,3 +155,8 @@ def device(request) -> str:
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     return request.param
+
+
+# LSTM trials only: for tests that kill trial processes, which must never be building the Mogrifier's C++
+# loops at that moment (torch would leave its build lock behind, and every later load would wait on it).
+LSTM_ONLY = {"params": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}}

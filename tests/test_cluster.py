@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import write_tiny_experiment
+from conftest import LSTM_ONLY, write_tiny_experiment
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "local_cluster.sh"
@@ -94,7 +94,8 @@ def test_a_study_on_two_nodes_survives_losing_one(cluster, tmp_path, markov_corp
     nodes = cluster.node_ids()
     assert set(nodes) == {"head", "worker"}
     path = write_tiny_experiment(
-        tmp_path / "cluster.yaml", markov_corpus_dir, tmp_path / "shared", trials=4,
+        tmp_path / "cluster.yaml", markov_corpus_dir, tmp_path / "shared", trials=4, family="lstm",
+        search_space=LSTM_ONLY,
         scheduler={"type": "fifo", "max_epochs": MAX_EPOCHS}, failure={"max_failures": 3},
         fixed={"train.steps_per_epoch": 300})  # seconds per epoch: both nodes get trials
     folder = tmp_path / "shared" / "cluster"

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_experiment
+from conftest import LSTM_ONLY, write_tiny_experiment
 
 from lmtune.trainable import DEVICE_OVERRIDE
 
@@ -38,6 +38,7 @@ DRIVER = textwrap.dedent("""
 
 def test_half_gpu_trials_pack_two_per_gpu(tmp_path, markov_corpus_dir):
     path = write_tiny_experiment(tmp_path / "packed.yaml", markov_corpus_dir, tmp_path / "results", trials=4,
+                                 family="lstm", search_space=LSTM_ONLY,
                                  resources={"cpus": 1, "gpus": 0.5}, scheduler={"type": "fifo", "max_epochs": 3},
                                  fixed={"train.steps_per_epoch": 150})  # seconds per trial: they overlap
     run = subprocess.run([sys.executable, "-c", DRIVER, str(path)], cwd=REPO, capture_output=True, text=True,

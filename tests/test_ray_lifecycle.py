@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_tiny_experiment
+from conftest import LSTM_ONLY, write_tiny_experiment
 
 from lmtune import runner
 
@@ -58,8 +58,8 @@ def kill(pids: set[int]) -> None:
 
 def test_a_sigkilled_driver_leaves_no_ray_process(tmp_path, markov_corpus_dir):
     path = write_tiny_experiment(tmp_path / "killed.yaml", markov_corpus_dir, tmp_path / "results",
-                                 trials=2, scheduler={"type": "fifo", "max_epochs": 50},
-                                 fixed={"train.steps_per_epoch": 20})
+                                 family="lstm", search_space=LSTM_ONLY, trials=2,
+                                 scheduler={"type": "fifo", "max_epochs": 50}, fixed={"train.steps_per_epoch": 20})
     busy = socket.socket()  # another process holds the dashboard port we ask for
     busy.bind(("127.0.0.1", 0))
     busy.listen()
