@@ -6,10 +6,13 @@ from __future__ import annotations
 import os
 import socket
 
+from lmtune import ray_guard
 from lmtune.folder import STUDY_FILE, FolderLock, Plan, check_folder, prepare_folder
 from lmtune.results import RAY_FOLDER, ray_folder
-from lmtune.schema import Experiment
+from lmtune.schema import Experiment, ExperimentError
 from lmtune.search import make_scheduler, make_searcher, set_trials
+
+_guard = None  # the process that kills what is left of the Ray we started, when we exit however we exit
 
 
 def run_experiment(
@@ -38,13 +41,13 @@ def run_experiment(
         if started:
             start_ray(address, num_cpus, dashboard, dashboard_host, dashboard_port)
         try:
-            return _fit(exp, plan)
+            return _fit(exp, plan, started)
         finally:
             if started:
-                ray.shutdown()
+                stop_ray()
 
 
-def _fit(exp: Experiment, plan: Plan) -> bool:
+def _fit(exp: Experiment, plan: Plan, started: bool) -> bool:
     from ray import tune
 
     from lmtune.trainable import train_lm
@@ -53,7 +56,7 @@ def _fit(exp: Experiment, plan: Plan) -> bool:
     print(f"Experiment folder: {folder}")
     print(f"  TensorBoard:      tensorboard --logdir {folder}")
     print(f"  Optuna dashboard: optuna-dashboard sqlite:///{folder / STUDY_FILE}")
-    warm_other_nodes(exp.base.data.name, exp.base.data.dir)
+    warm_nodes(exp.base.data.name, exp.base.data.dir, skip_here=started)
 
     resources = {"cpu": exp.spec.resources.cpus, "gpu": exp.spec.resources.gpus}
     trainable = tune.with_resources(tune.with_parameters(train_lm, base=exp.base.model_dump()), resources)
@@ -70,10 +73,11 @@ def _fit(exp: Experiment, plan: Plan) -> bool:
             tune_config=tune.TuneConfig(
                 metric=exp.spec.metric,
                 mode=exp.spec.mode,
-                search_alg=make_searcher(exp, folder),
+                search_alg=make_searcher(exp, folder, exp.spec.max_concurrent or trials_that_fit(exp)),
                 scheduler=make_scheduler(exp),
                 num_samples=exp.spec.trials,
                 trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+                reuse_actors=True,  # a trial's process serves the next: no worker start, torch import, corpus load
             ),
             run_config=tune.RunConfig(
                 name=RAY_FOLDER,
@@ -93,40 +97,105 @@ def _fit(exp: Experiment, plan: Plan) -> bool:
     return results.num_terminated + results.num_errors >= exp.spec.trials
 
 
+def trials_that_fit(exp: Experiment) -> int:
+    """How many trials the cluster's CPUs and GPUs hold at once. Tune, given a searcher but no concurrency
+    limit, creates one trial at a time and waits for its process to start before the next: a wave of N
+    trials then starts in N process start-ups instead of one."""
+    import ray
+
+    total = ray.cluster_resources()
+    per_trial = {"CPU": exp.spec.resources.cpus, "GPU": exp.spec.resources.gpus}
+    return max(1, min(int(total.get(name, 0) / need + 1e-9) for name, need in per_trial.items() if need))
+
+
 def start_ray(address: str | None, num_cpus: int | None, dashboard: bool, host: str, port: int) -> None:
+    """Connect to the cluster at `address` (or $RAY_ADDRESS), else start a Ray of our own on this machine."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:  # an existing cluster: its own resources and dashboard
-        context = ray.init(address=address)
-    else:
-        context = ray.init(
-            address="local",  # a new Ray on this machine, never some other local cluster found by chance
-            num_cpus=num_cpus,
-            include_dashboard=dashboard,
-            dashboard_host=host,
-            dashboard_port=port,
-            logging_config=ray.LoggingConfig(log_level="WARNING"),  # no "checkpoint created" line per epoch
-        )
+        connect_ray(address)
+        return
+    global _guard
+    _guard = ray_guard.protect()  # first: it must see every process ray.init starts
+    # Ray's Prometheus endpoint listens on all interfaces, without the token, and nothing here reads it.
+    os.environ.setdefault("RAY_enable_metrics_collection", "0")
+    dashboard_settings = {}
+    if dashboard:  # without it, no port is passed: --no-dashboard never binds one
+        port = free_port(host, port, "Ray dashboard")
+        dashboard_settings = {"dashboard_host": host, "dashboard_port": port}
+    context = ray.init(
+        address="local",  # a new Ray on this machine, never some other local cluster found by chance
+        num_cpus=num_cpus,
+        include_dashboard=dashboard,
+        **dashboard_settings,
+        logging_config=ray.LoggingConfig(log_level="WARNING"),  # no "checkpoint created" line per epoch
+    )
     if context.dashboard_url:
         print(f"Ray dashboard: http://{context.dashboard_url}")
-        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled":
             print("  it asks for Ray's auth token: print it with `ray get-auth-token`")
-        if host == "127.0.0.1" and not address:
+        if host == "127.0.0.1":
             print(f"  from another machine: ssh -L {port}:127.0.0.1:{port} {socket.gethostname()}")
 
 
-def warm_other_nodes(name: str, data_dir: str | None) -> None:
-    """Tokenise the corpus once on every other node of the cluster (lmcore caches it on disk), not per trial."""
+def stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
+    ray_guard.release(_guard)
+
+
+def connect_ray(address: str) -> None:
+    """Join an existing cluster; refused (e.g. for its auth token): an ExperimentError saying what to do."""
+    import ray
+    from ray.exceptions import AuthenticationError
+
+    try:
+        ray.init(address=address, logging_config=ray.LoggingConfig(log_level="WARNING"))
+    except ConnectionError as err:
+        cause, refused = err, False
+        while cause is not None and not refused:
+            refused = isinstance(cause, AuthenticationError)
+            cause = cause.__cause__ or cause.__context__
+        if not refused:
+            raise ExperimentError(f"--address {address}: cannot connect to a Ray cluster there ({err})") from None
+        mode = os.environ.get("RAY_AUTH_MODE", "unset")
+        raise ExperimentError(
+            f"--address {address}: the Ray cluster refused this driver's auth token (RAY_AUTH_MODE is {mode}). "
+            "Its nodes use Ray's token authentication: run tune.py with their token, e.g. "
+            "`export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/path/to/the/cluster/token` (or RAY_AUTH_TOKEN=...); "
+            "scripts/local_cluster.sh writes these to its cluster.env. See docs/tuning.md, the cluster section."
+        ) from None
+
+
+def free_port(host: str, port: int, what: str) -> int:
+    """`port` if nothing holds it on `host`, else a free one (printed)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+            return port
+        except OSError:
+            pass
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        free = probe.getsockname()[1]
+    print(f"{what}: port {port} on {host} is busy (another Ray?), using port {free}")
+    return free
+
+
+def warm_nodes(name: str, data_dir: str | None, skip_here: bool) -> None:
+    """Tokenise the corpus once on every node of the cluster (lmcore caches it on disk), not per trial.
+    `skip_here`: the driver's node shares the driver's cache (a Ray we started: its workers have our environment)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = ray.get_runtime_context().get_node_id()
-    others = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here and n["Resources"].get("CPU")]
+    here = ray.get_runtime_context().get_node_id() if skip_here else None
+    nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here and n["Resources"].get("CPU")]
     load = ray.remote(num_cpus=1)(_load_corpus)
     ray.get([
         load.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(name, data_dir)
-        for node in others
+        for node in nodes
     ])
 
 

@@ -74,7 +74,8 @@ def set_trials(tuner, trials: int) -> None:
         config.search_alg = StudyTrials(config.search_alg, trials)
 
 
-def make_searcher(exp: Experiment, folder: Path) -> StudyTrials:
+def make_searcher(exp: Experiment, folder: Path, max_concurrent: int) -> StudyTrials:
+    """Optuna's study in `folder`, asked for at most `max_concurrent` trials at once, `exp.spec.trials` in all."""
     s = exp.spec.searcher
     if s.sampler == "tpe":
         with warnings.catch_warnings():
@@ -95,9 +96,7 @@ def make_searcher(exp: Experiment, folder: Path) -> StudyTrials:
         study_name=exp.name,
         storage=storage,
     )
-    if exp.spec.max_concurrent:
-        searcher = ConcurrencyLimiter(searcher, max_concurrent=exp.spec.max_concurrent)
-    return StudyTrials(searcher, exp.spec.trials)
+    return StudyTrials(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), exp.spec.trials)
 
 
 def make_scheduler(exp: Experiment) -> TrialScheduler:

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray import tune
 
 import lmcore
@@ -16,20 +19,34 @@ from lmtune.space import trial_settings
 
 CHECKPOINT_FILE = "model.pt"  # the one file lmcore's save_checkpoint writes, inside each Tune checkpoint
 METRICS_FILE = "metrics.json"  # the epoch's metrics, beside it
+# Test-only: the device a trial computes on whatever Ray gave it (e.g. "cpu" for trials holding Ray's logical
+# GPUs on a machine without CUDA). Everything else (resources, CUDA_VISIBLE_DEVICES, the device the trial
+# selects and reports) is as on a real GPU. Never set it for real runs.
+DEVICE_OVERRIDE = "LMTUNE_TEST_DEVICE"
+
+_corpora: dict[tuple[str, str | None], lmcore.Corpus] = {}  # per worker process: Tune reuses trial actors
 
 
 def train_lm(config: dict[str, Any], base: dict[str, Any]) -> None:
     """`config` is what Optuna chose (dotted lmcore names); `base` the experiment's fixed settings."""
+    started_at = time.time()
     cpus, gpus = _trial_resources()
+    device = "cuda" if gpus > 0 else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to our share
     settings = {
         **trial_settings(config),
         "train.threads": max(1, int(cpus)),  # torch threads = the CPUs Ray gave this trial
-        "train.device": "cuda" if gpus > 0 else "cpu",  # Ray sets CUDA_VISIBLE_DEVICES to our share
+        "train.device": os.environ.get(DEVICE_OVERRIDE) or device,
         "train.progress": False,
     }
     run_config = make_config(base, settings)
+    corpus = _corpus(run_config.data.name, run_config.data.dir)
+    # Where and when the trial ran, with every report: the tables ignore it; the cluster and GPU tests and
+    # benchmarks/tuner_overhead.py read it.
+    placement = {"node_id": ray.get_runtime_context().get_node_id(), "device": device,
+                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "started_at": started_at}
 
     def report(metrics: dict[str, Any], save_checkpoint) -> None:
+        metrics = {**metrics, **placement, "reported_at": time.time()}
         if metrics.get("diverged"):
             tune.report(metrics)  # recorded as diverged; no checkpoint of a NaN model
             return
@@ -40,7 +57,7 @@ def train_lm(config: dict[str, Any], base: dict[str, Any]) -> None:
 
     checkpoint = tune.get_checkpoint()  # set when Tune resumes or retries this trial
     if checkpoint is None:
-        lmcore.train(run_config, report=report)
+        lmcore.train(run_config, report=report, corpus=corpus)
         return
     with checkpoint.as_directory() as folder:
         last = _last_good(Path(folder))
@@ -49,9 +66,9 @@ def train_lm(config: dict[str, Any], base: dict[str, Any]) -> None:
             tune.report(last)
             return
         if last is not None:
-            lmcore.train(run_config, report=report, resume_from=Path(folder) / CHECKPOINT_FILE)
+            lmcore.train(run_config, report=report, resume_from=Path(folder) / CHECKPOINT_FILE, corpus=corpus)
             return
-    lmcore.train(run_config, report=report)  # its checkpoint was unreadable: from scratch
+    lmcore.train(run_config, report=report, corpus=corpus)  # its checkpoint was unreadable: from scratch
 
 
 def _last_good(folder: Path) -> dict[str, Any] | None:
@@ -64,6 +81,15 @@ def _last_good(folder: Path) -> dict[str, Any] | None:
         logging.getLogger("lmtune").warning("%s: unreadable checkpoint (%s); the trial starts again from scratch",
                                             folder, err)
         return None
+
+
+def _corpus(name: str, data_dir: str | None) -> lmcore.Corpus:
+    """The tokenised corpus, loaded once per worker process (from lmcore's on-disk cache, warmed per node)."""
+    key = (name, data_dir)
+    if key not in _corpora:
+        _corpora.clear()  # one corpus held at a time
+        _corpora[key] = lmcore.load_corpus(name, data_dir)
+    return _corpora[key]
 
 
 def _trial_resources() -> tuple[float, float]:

@@ -215,3 +215,21 @@ def reported_experiment(tmp_path_factory, markov_corpus_dir) -> Path:
     run = run_tune(str(path), "--num-cpus", "2", "--no-dashboard")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return tmp / "results" / "tiny"
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request) -> str:
+    """Runs a test on the CPU and, where there is one, on the CUDA device (`benchmarks/gpu_check.sh`)."""
+    import torch
+
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return request.param
+
+
+# LSTM trials only: for tests that kill trial processes, which must never be building the Mogrifier's C++
+# loops at that moment (torch would leave its build lock behind, and every later load would wait on it).
+LSTM_ONLY = {"params": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}}

@@ -19,10 +19,10 @@ def small(family, **overrides):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("tie", [True, False])
-def test_forward_shapes_and_gradient_reaches_every_parameter(family, tie):
+def test_forward_shapes_and_gradient_reaches_every_parameter(family, tie, device):
     torch.manual_seed(0)
     model = build_model(small(family, **{"model.embedding": 16, "model.tie_weights": tie}), vocab_size=50)
-    tokens = torch.randint(0, 50, (9, 3))
+    model, tokens = model.to(device), torch.randint(0, 50, (9, 3), device=device)
     logits, state = model(tokens)
     assert logits.shape == (9, 3, 50)
     assert (state is None) == (family == "transformer")
@@ -34,11 +34,11 @@ def test_forward_shapes_and_gradient_reaches_every_parameter(family, tie):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_state_is_carried_between_calls(family):
+def test_state_is_carried_between_calls(family, device):
     """Scoring a sequence in two halves with the carried state equals scoring it at once (eval mode)."""
     torch.manual_seed(0)
-    model = build_model(small(family), vocab_size=30).eval()
-    tokens = torch.randint(0, 30, (10, 2))
+    model = build_model(small(family), vocab_size=30).eval().to(device)
+    tokens = torch.randint(0, 30, (10, 2), device=device)
     whole, _ = model(tokens)
     first, state = model(tokens[:6])
     second, _ = model(tokens[6:], state)

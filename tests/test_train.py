@@ -28,8 +28,8 @@ def unigram_ppl(corpus) -> float:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_learns_far_below_the_unigram_level(markov_corpus_dir, family):
-    config = tiny_run(markov_corpus_dir, **{"model.family": family})
+def test_every_family_learns_far_below_the_unigram_level(markov_corpus_dir, family, device):
+    config = tiny_run(markov_corpus_dir, **{"model.family": family, "train.device": device})
     corpus = lmcore.load_corpus("text", markov_corpus_dir)
     reports = []
     summary = lmcore.train(config, report=lambda m, save: reports.append(m))
