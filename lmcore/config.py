@@ -55,14 +55,28 @@ class ModelConfig(_Section):
     d_model: int = Field(256, gt=0, description="transformer width")
     heads: int = Field(4, gt=0, description="transformer attention heads")
     ff: int | None = Field(None, gt=0, description="transformer feed-forward size; None = 4 * d_model")
-    pos_encode: Literal["none", "sinusoidal", "learned"] = "sinusoidal"
+    pos_encode: Literal["none", "sinusoidal", "learned", "rope"] = Field(
+        "sinusoidal", description="transformer positions: none | sinusoidal | learned (absolute) | rope (rotary)"
+    )
     max_len: int = Field(512, gt=0, description="longest sequence for learned positions")
+    memory: int = Field(
+        0, ge=0, description="transformer: tokens of earlier windows each block attends to (Transformer-XL); 0 = none"
+    )
+    softmax_mixtures: int = Field(1, gt=0, description="mixture of softmaxes components (Yang et al.); 1 = one softmax")
     dropout: DropoutConfig = Field(default_factory=DropoutConfig)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> "ModelConfig":
         if self.family == "transformer" and self.params_budget is None and self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
+        return self
+
+    @model_validator(mode="after")
+    def _memory_needs_relative_positions(self) -> "ModelConfig":
+        # Absolute positions restart at 0 in every window, so a memory would see the same positions twice.
+        if self.family == "transformer" and self.memory and self.pos_encode in ("sinusoidal", "learned"):
+            raise ValueError(f"model.memory ({self.memory}) needs model.pos_encode rope or none "
+                             f"(absolute {self.pos_encode} positions restart in every window)")
         return self
 
 

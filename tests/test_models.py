@@ -49,7 +49,7 @@ def test_state_is_carried_between_calls(family):
         assert torch.allclose(torch.cat([first, second]), whole, atol=1e-5)
 
 
-@pytest.mark.parametrize("pos_encode", ["none", "sinusoidal", "learned"])
+@pytest.mark.parametrize("pos_encode", ["none", "sinusoidal", "learned", "rope"])
 def test_transformer_is_causal(pos_encode):
     torch.manual_seed(0)
     model = build_model(small("transformer", **{"model.pos_encode": pos_encode}), vocab_size=30).eval()
@@ -66,7 +66,7 @@ def test_positional_encoding_makes_order_matter():
     """Without positions, causal attention over a repeated token is the same at every position."""
     torch.manual_seed(0)
     tokens = torch.full((6, 1), 7)
-    for pos_encode, varies in [("none", False), ("sinusoidal", True), ("learned", True)]:
+    for pos_encode, varies in [("none", False), ("sinusoidal", True), ("learned", True), ("rope", True)]:
         model = build_model(small("transformer", **{"model.pos_encode": pos_encode}), vocab_size=30).eval()
         if pos_encode == "learned":
             torch.nn.init.normal_(model.body.positions)
