@@ -90,6 +90,12 @@ class OptimConfig(_Section):
     lr_decay: float = Field(
         0.25, gt=0.0, le=1.0, description="multiply lr by this when valid ppl does not improve; 1 = off"
     )
+    average: Literal["none", "ema", "asgd"] = Field(
+        "none", description="validate and save averaged weights: none | ema | asgd (AWD-LSTM's triggered average)"
+    )
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="ema: weight of the old average at each step")
+    asgd_nonmono: int = Field(5, gt=0, description="asgd: start averaging when valid loss is worse than "
+                                                  "the best of all but this many last epochs")
 
 
 class TrainConfig(_Section):

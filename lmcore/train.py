@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .averaging import Averager
 from .batching import batchify, bptt_windows, eval_batches
 from .checkpoint import FORMAT, load_checkpoint, read_file
 from .config import Config, make_config
@@ -129,6 +130,8 @@ def train(config: Config | dict, report: Report | None = None, resume_from: str 
     corpus = corpus or load_corpus(data.name, data.dir)
     model = build_model(config, len(corpus.vocab)).to(device)
     optimizer = make_optimizer(config, model)
+    averager = Averager(optim, model)  # optim.average: validation and checkpoints see the averaged weights
+    averager.hook(optimizer)
     train_data = batchify(corpus.train, data.batch_size).to(device)
     params = model.num_parameters()
     loop = {"epoch": 0, "position": 0, "lr": optim.lr, "best_valid_loss": math.inf, "elapsed_s": 0.0}
@@ -136,16 +139,18 @@ def train(config: Config | dict, report: Report | None = None, resume_from: str 
         saved = read_file(resume_from)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        averager.load(saved.get("averaging"))
         loop = saved["loop"]
         set_rng_state(saved["rng"], windows)
         log.info("resumed from %s after epoch %d", resume_from, loop["epoch"])
 
     def save_checkpoint(path: Path) -> None:
         # Written atomically: a crash mid-write never leaves a truncated checkpoint behind.
-        save_atomically({"format": FORMAT, "config": config.model_dump(),
-                         "model_config": model.config.model_dump(), "vocab": corpus.vocab.itos,
-                         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": dict(loop),
-                         "rng": rng_state(windows)}, Path(path))
+        with averager.applied(model) as averaging:
+            save_atomically({"format": FORMAT, "config": config.model_dump(),
+                             "model_config": model.config.model_dump(), "vocab": corpus.vocab.itos,
+                             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "loop": dict(loop),
+                             "rng": rng_state(windows), "averaging": averaging}, Path(path))
 
     if run.progress:
         log.info("%s: %s parameters, %d training tokens, device %s", model.config.family, f"{params:,}",
@@ -155,9 +160,12 @@ def train(config: Config | dict, report: Report | None = None, resume_from: str 
         started = time.perf_counter()
         train_loss, tokens = train_epoch(model, optimizer, train_data, config, loop, windows, device, epoch)
         seconds = time.perf_counter() - started
-        valid = evaluate(model, corpus.valid, eos_id=corpus.vocab.eos_id, batch_size=data.eval_batch_size,
-                         bptt=data.bptt, device=device, amp=run.amp) if not diverged(train_loss) else None
+        with averager.applied(model):
+            valid = evaluate(model, corpus.valid, eos_id=corpus.vocab.eos_id, batch_size=data.eval_batch_size,
+                             bptt=data.bptt, device=device, amp=run.amp) if not diverged(train_loss) else None
         blew_up = valid is None or diverged(valid["loss"])
+        if not blew_up:
+            averager.end_epoch(valid["loss"])
         loop["epoch"] = epoch
         loop["elapsed_s"] += time.perf_counter() - started
         if not blew_up:
