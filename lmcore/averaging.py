@@ -10,8 +10,9 @@ and `applied(model)` around validation and checkpoint writing: inside it the mod
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn

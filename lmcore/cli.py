@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from .config import Config, describe_error, field_names, flatten, make_config, parse_override, parse_value
 from .data import DataError
+from .dynamic import choose_and_test
 from .train import evaluate_checkpoint, train
 
 log = logging.getLogger("lmcore")
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", help="where the data is (default: the run's data.dir / $LMCORE_DATA_DIR)")
     ev.add_argument("--device", default="auto")
     ev.add_argument("--splits", nargs="+", default=["valid", "test"], choices=["train", "valid", "test"])
+    ev.add_argument("--dynamic", action="store_true", help="dynamic evaluation with the run's eval.* settings")
+    ev.add_argument("--dynamic-search", action="store_true",
+                    help="dynamic evaluation: choose eval.dynamic_lr and _decay on valid, then score test once")
+    ev.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                    help="a dynamic-evaluation setting (eval.*), repeatable")
     return parser
 
 
@@ -170,11 +176,17 @@ def train_and_evaluate(args: argparse.Namespace, config: Config, run_dir: Path) 
 
 
 def print_evaluation(path: Path, splits: list[str], batch_size: int | None, data_dir: str | None,
-                     device: str) -> dict[str, Any]:
+                     device: str, dynamic: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a checkpoint on `splits` and print a small table; returns what was printed."""
-    scores, config = evaluate_checkpoint(path, tuple(splits), batch_size=batch_size, data_dir=data_dir, device=device)
+    scores, config = evaluate_checkpoint(path, tuple(splits), batch_size=batch_size, data_dir=data_dir, device=device,
+                                         dynamic=dynamic)
     batch_size = batch_size or config.data.eval_batch_size
-    print(f"{'split':<8}{'loss':>10}{'ppl':>12}{'tokens':>12}   ({path}, batch size {batch_size})")
+    how = f"batch size {batch_size}"
+    if dynamic is not None:
+        e = config.eval
+        how = (f"dynamic evaluation: {e.dynamic_method}, lr {e.dynamic_lr:g}, decay {e.dynamic_decay:g}, "
+               f"bptt {e.dynamic_bptt}, batch size {e.dynamic_batch_size}")
+    print(f"{'split':<8}{'loss':>10}{'ppl':>12}{'tokens':>12}   ({path}, {how})")
     for split, r in scores.items():
         print(f"{split:<8}{r['loss']:>10.4f}{r['ppl']:>12.2f}{r['tokens']:>12,}")
     return {"checkpoint": str(path), "batch_size": batch_size, **scores}
@@ -186,8 +198,31 @@ def run_evaluate(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint) if args.checkpoint else Path(args.runs_dir) / args.run_name / "best.pt"
     if not path.is_file():
         raise UsageError(f"{path}: no such checkpoint")
-    print_evaluation(path, args.splits, args.batch_size, args.data_dir, args.device)
+    dynamic = dynamic_settings(args)
+    if args.dynamic_search:
+        result = choose_and_test(path, args.data_dir, args.device, dynamic)
+        print("dynamic evaluation, lr and decay chosen on valid: " + json.dumps(result))
+        return 0
+    print_evaluation(path, args.splits, args.batch_size, args.data_dir, args.device,
+                     dynamic if args.dynamic else None)
     return 0
+
+
+def dynamic_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """`evaluate --set eval.dynamic_lr=...` -> {"eval.dynamic_lr": ...}, checked against the vocabulary."""
+    if args.set and not (args.dynamic or args.dynamic_search):
+        raise UsageError("evaluate: --set only applies with --dynamic or --dynamic-search")
+    try:
+        overrides = dict(parse_override(text) for text in args.set)
+        make_config({}, overrides)
+    except ValidationError as err:
+        raise UsageError(describe_error(err, "--set")) from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    wrong = [name for name in overrides if not name.startswith("eval.")]
+    if wrong:
+        raise UsageError(f"evaluate --set: only eval.* settings apply to a trained model, not {', '.join(wrong)}")
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,11 +111,30 @@ class TrainConfig(_Section):
     progress: bool = Field(True, description="print progress lines")
 
 
+class EvalConfig(_Section):
+    """Dynamic evaluation (Krause et al., 2018): after scoring each window, a gradient step on it, decaying
+    toward the trained weights. Used by `evaluate --dynamic`; defaults are their code's (benkrause/dynamic-evaluation)."""
+
+    dynamic_method: Literal["rms", "sgd"] = Field(
+        "rms", description="dynamic evaluation: rms (steps scaled by training gradients' RMS) | sgd"
+    )
+    dynamic_lr: float = Field(5e-5, ge=0.0, description="dynamic evaluation step size; 0 = static evaluation")
+    dynamic_decay: float = Field(2e-3, ge=0.0, description="dynamic evaluation decay toward the trained weights")
+    dynamic_epsilon: float = Field(2e-5, gt=0.0, description="rms: added to the gradient RMS")
+    dynamic_bptt: int = Field(5, gt=0, description="dynamic evaluation window (tokens per step)")
+    dynamic_batch_size: int = Field(1, gt=0, description="dynamic evaluation batch size (1: one stream)")
+    dynamic_stat_batch_size: int = Field(100, gt=0, description="rms: batch size of the training-gradient pass")
+    dynamic_stat_windows: int | None = Field(
+        None, gt=0, description="rms: training windows for the gradient RMS; None = the whole training split"
+    )
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     # -- dotted names -------------------------------------------------------------------------
     def flat(self) -> dict[str, Any]:

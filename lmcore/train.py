@@ -19,7 +19,7 @@ from .averaging import Averager
 from .batching import batchify, bptt_windows, eval_batches
 from .checkpoint import FORMAT, load_checkpoint, read_file
 from .config import Config, make_config
-from .data import Corpus, DataError, load_corpus, save_atomically
+from .data import Corpus, DataError, Vocab, load_corpus, save_atomically
 from .models import LanguageModel, build_model, detach_state
 
 log = logging.getLogger("lmcore")
@@ -53,38 +53,68 @@ def autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def evaluate(model: LanguageModel, tokens: Tensor, *, eos_id: int, batch_size: int = 10, bptt: int = 35,
-             device: torch.device | str | None = None, amp: bool = False) -> dict[str, float]:
-    """Score every token of `tokens` exactly once, carrying the state across the whole split."""
+             device: torch.device | str | None = None, amp: bool = False, dynamic=None) -> dict[str, float]:
+    """Score every token of `tokens` exactly once, carrying the state across the whole split.
+    `dynamic` (a lmcore.dynamic.DynamicEval) scores with dynamic evaluation instead, in its own windows and
+    batch size (eval.dynamic_bptt, eval.dynamic_batch_size); the model's weights are restored afterwards."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if dynamic is not None:
+        return dynamic.evaluate(model, tokens, eos_id=eos_id, device=device, amp=amp)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     state = None
     for inputs, targets in eval_batches(tokens, batch_size, bptt, eos_id):
-        targets = targets.to(device)
-        with autocast(device, amp):
-            logits, state = model(inputs.to(device), state)
-        total += nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                             ignore_index=-100, reduction="sum")
-        count += int((targets != -100).sum())
+        loss, scored, state = score_window(model, inputs, targets, state, device, amp)
+        total += loss
+        count += scored
     model.train(was_training)
+    return scores(total, count)
+
+
+def score_window(model: LanguageModel, inputs: Tensor, targets: Tensor, state, device: torch.device,
+                 amp: bool) -> tuple[Tensor, int, object]:
+    """(summed cross-entropy of the window's scored targets, how many were scored, the new state)."""
+    targets = targets.to(device)
+    with autocast(device, amp):
+        logits, state = model(inputs.to(device), state)
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                       reduction="sum")
+    return loss, int((targets != -100).sum()), state
+
+
+def scores(total: Tensor, count: int) -> dict[str, float]:
     loss = total.item() / count
     return {"loss": loss, "ppl": safe_exp(loss), "tokens": count}
 
 
 def evaluate_checkpoint(path: str | Path, splits: tuple[str, ...] = ("valid", "test"), *,
                         batch_size: int | None = None, data_dir: str | None = None,
-                        device: str = "auto") -> tuple[dict[str, dict[str, float]], Config]:
+                        device: str = "auto", dynamic: dict[str, Any] | None = None
+                        ) -> tuple[dict[str, dict[str, float]], Config]:
     """The final evaluation: a checkpoint's loss and perplexity on the asked splits (test only when asked),
-    with the run's own data, bptt and (by default) evaluation batch size. Returns ({split: result}, config)."""
+    with the run's own data, bptt and (by default) evaluation batch size. Returns ({split: result}, config).
+    `dynamic`: dynamic evaluation, with these `eval.*` settings over the run's own (e.g. {} for the run's)."""
+    model, vocab, config, corpus = load_for_evaluation(path, data_dir, device)
+    scoring = dict(eos_id=vocab.eos_id, batch_size=batch_size or config.data.eval_batch_size,
+                   bptt=config.data.bptt, amp=config.train.amp)
+    if dynamic is not None:
+        from .dynamic import prepare  # dynamic.py builds on this module
+
+        config = config.updated(dynamic)
+        scoring["dynamic"] = prepare(model, corpus.train, config.eval, amp=config.train.amp)
+    return {split: evaluate(model, getattr(corpus, split), **scoring) for split in splits}, config
+
+
+def load_for_evaluation(path: str | Path, data_dir: str | None,
+                        device: str) -> tuple[LanguageModel, Vocab, Config, Corpus]:
+    """A checkpoint's (model, vocab, config) and its corpus, checked to share the vocabulary."""
     model, vocab, config = load_checkpoint(path, resolve_device(device))
     corpus = load_corpus(config.data.name, data_dir or config.data.dir)
     if corpus.vocab != vocab:
         raise DataError(f"{path}: the checkpoint's vocabulary does not match {config.data.name}'s")
-    scoring = dict(eos_id=vocab.eos_id, batch_size=batch_size or config.data.eval_batch_size,
-                   bptt=config.data.bptt, amp=config.train.amp)
-    return {split: evaluate(model, getattr(corpus, split), **scoring) for split in splits}, config
+    return model, vocab, config, corpus
 
 
 def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
