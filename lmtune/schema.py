@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,9 +15,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmcore.config import Config, Family, field_names, flatten, make_config, set_dotted
-from lmtune.space import CategoricalSpec, SearchSpace, SpaceError, error_lines, parse_params
+from lmtune.space import (CategoricalSpec, FixedSpec, IntSpec, Param, SearchSpace, SpaceError, error_lines,
+                          parse_params)
 
-LMCORE_SECTIONS = ("data", "model", "optim", "train")
+LMCORE_SECTIONS = ("data", "model", "optim", "train", "eval")
 METRICS = ("valid_ppl", "valid_loss", "best_valid_ppl")
 # Settings the experiment itself decides; a search space must not vary them.
 MANAGED = {
@@ -78,6 +79,7 @@ class FailureSpec(_Strict):
 
 class ReportSpec(_Strict):
     top_k: int = Field(5, ge=1, description="rows of the top-k table")
+    dynamic: bool = Field(False, description="also dynamic evaluation of each family's best (dynamic_test_ppl)")
 
 
 class ExperimentSpec(_Strict):
@@ -98,6 +100,9 @@ class ExperimentSpec(_Strict):
     checkpoints: CheckpointSpec = Field(default_factory=CheckpointSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    start_from: list[dict[str, Any]] = Field(
+        default_factory=list, description="known configurations (searched settings) the study tries first"
+    )
 
     @field_validator("storage")
     @classmethod
@@ -120,6 +125,7 @@ class Experiment:
     base: Config
     space: SearchSpace
     source: str  # the experiment file, for messages
+    start_points: list[dict[str, Any]] = field(default_factory=list)  # start_from in Optuna's parameter names
 
     @property
     def name(self) -> str:
@@ -154,7 +160,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     spec.storage = str(Path(spec.storage).expanduser().resolve())
     base = _base_config(spec, source)
     space = _search_space(spec, base, path, source)
-    return Experiment(spec=spec, base=base, space=space, source=source)
+    points = _start_points(spec.start_from, space, base, source)
+    return Experiment(spec=spec, base=base, space=space, source=source, start_points=points)
 
 
 def parse_value(text: str) -> Any:
@@ -285,6 +292,51 @@ def _check_samples(space: SearchSpace, base: Config, source: str) -> None:
             raise ExperimentError(
                 f"{source}: these settings are invalid together: {settings}\n" + "\n".join(error_lines(err, source))
             ) from None
+
+
+def _start_points(start_from: list[dict[str, Any]], space: SearchSpace, base: Config,
+                  source: str) -> list[dict[str, Any]]:
+    """Validate `start_from` like search-space values and translate each point to Optuna's parameter names.
+    A point names searched settings only; settings it leaves out are sampled as usual."""
+    names, points, errors = set(field_names()), [], []
+    for i, point in enumerate(start_from):
+        where = f"{source}: start_from[{i}]"
+        point = flatten(point)
+        errors += [f"{where}.{k}: unknown setting{_did_you_mean(k, names)}" for k in point if k not in names]
+        errors += [f"{where}.{k}: not searched by this experiment's space (set it in `fixed`)" for k in point
+                   if k in names and k not in space.names()]
+        keys, chosen = {}, dict(space.context)
+        for p in space.params:
+            if p.name not in point or isinstance(p.spec, FixedSpec):
+                continue
+            if not p.active({**chosen, **point}):
+                continue
+            problem = _outside(p, point[p.name])
+            if problem:
+                errors.append(f"{where}.{p.name}: {problem}")
+            keys[p.key], chosen[p.name] = point[p.name], point[p.name]
+        errors += [f"{where}.{k}: does not exist with this point's other settings (see its `when`)"
+                   for k in point if k in space.names() and k not in chosen]
+        if not errors:
+            try:
+                make_config(base, {**space.constants, **point})
+            except ValidationError as err:
+                errors += error_lines(err, where)
+        points.append(keys)
+    if errors:
+        raise ExperimentError("\n".join(errors))
+    return points
+
+
+def _outside(param: Param, value: Any) -> str | None:
+    """Why `value` is not in the param's range or choices (None when it is)."""
+    s = param.spec
+    if isinstance(s, CategoricalSpec):
+        return None if value in s.choices else f"{value!r} is not one of {s.choices}"
+    wanted = "an int" if isinstance(s, IntSpec) else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if isinstance(s, IntSpec) else (int, float)):
+        return f"{value!r} is not {wanted}"
+    return None if s.low <= value <= s.high else f"{value!r} is outside [{s.low}, {s.high}]"
 
 
 def _read_yaml(path: Path, source: str) -> dict[str, Any]:

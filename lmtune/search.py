@@ -56,6 +56,7 @@ def make_searcher(exp: Experiment, folder: Path) -> StudySearch:
         sampler=sampler,
         study_name=exp.name,
         storage=storage,
+        points_to_evaluate=exp.start_points or None,  # start_from: enqueued as the study's first trials
     )
 
 
