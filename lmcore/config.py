@@ -113,7 +113,8 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     """Dynamic evaluation (Krause et al., 2018): after scoring each window, a gradient step on it, decaying
-    toward the trained weights. Used by `evaluate --dynamic`; defaults are their code's (benkrause/dynamic-evaluation)."""
+    toward the trained weights. Used by `evaluate --dynamic`; the defaults are those of their code
+    (benkrause/dynamic-evaluation)."""
 
     dynamic_method: Literal["rms", "sgd"] = Field(
         "rms", description="dynamic evaluation: rms (steps scaled by training gradients' RMS) | sgd"

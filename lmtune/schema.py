@@ -15,8 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lmcore.config import Config, Family, field_names, flatten, make_config, set_dotted
-from lmtune.space import (CategoricalSpec, FixedSpec, IntSpec, Param, SearchSpace, SpaceError, error_lines,
-                          parse_params)
+from lmtune.space import CategoricalSpec, FixedSpec, IntSpec, Param, SearchSpace, SpaceError, error_lines, parse_params
 
 LMCORE_SECTIONS = ("data", "model", "optim", "train", "eval")
 METRICS = ("valid_ppl", "valid_loss", "best_valid_ppl")
