@@ -27,8 +27,8 @@ def test_config_is_valid_and_meets_its_budget(path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_trains_on_the_command_line(path, markov_corpus_dir, tmp_path):
     """`python -m lmcore train --config configs/X.yaml`, shrunk to a tiny model and a few steps."""
-    tiny = ["model.params_budget=null", "model.hidden=16", "model.d_model=16", "model.embedding=8", "model.rank=4", "data.name=text",
-            f"data.dir={markov_corpus_dir}", "data.batch_size=4", "data.bptt=8", "train.epochs=2",
+    tiny = ["model.params_budget=null", "model.hidden=16", "model.d_model=16", "model.embedding=8", "model.rank=4",
+            "data.name=text", f"data.dir={markov_corpus_dir}", "data.batch_size=4", "data.bptt=8", "train.epochs=2",
             "train.steps_per_epoch=3", "train.device=cpu"]
     argv = ["train", "--run-name", "x", "--runs-dir", str(tmp_path), "--config", str(path)]
     assert main([*argv, *(a for s in tiny for a in ("--set", s))]) == 0
