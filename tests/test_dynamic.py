@@ -14,7 +14,7 @@ from lmcore.train import evaluate
 def tiny_config(corpus_dir, family, **overrides):
     return make_config({}, {"data.name": "text", "data.dir": str(corpus_dir), "data.batch_size": 8,
                             "data.bptt": 12, "data.eval_batch_size": 4, "model.family": family,
-                            "model.hidden": 32, "model.d_model": 32, "model.heads": 2, "model.layers": 1,
+                            "model.hidden": 32, "model.d_model": 32, "model.rounds": 2, "model.heads": 2, "model.layers": 1,
                             "model.memory": 16 if family == "transformer" else 0, "model.pos_encode": "rope",
                             "optim.lr": 1e-2, "train.epochs": 1, "train.steps_per_epoch": 60,
                             "train.progress": False, "train.device": "cpu"} | overrides)
@@ -25,7 +25,7 @@ def trained(markov_corpus_dir, tmp_path_factory):
     """{family: checkpoint path} of briefly trained tiny models."""
     folder = tmp_path_factory.mktemp("dynamic")
     paths = {}
-    for family in ("lstm", "transformer"):
+    for family in ("lstm", "transformer", "mogrifier"):
         paths[family] = folder / f"{family}.pt"
         lmcore.train(tiny_config(markov_corpus_dir, family),
                      report=lambda m, save, p=paths[family]: save(p))
@@ -41,7 +41,7 @@ def settings(**changes):
     return EvalConfig(dynamic_stat_batch_size=8, dynamic_stat_windows=20, **changes)
 
 
-@pytest.mark.parametrize("family", ["lstm", "transformer"])
+@pytest.mark.parametrize("family", ["lstm", "transformer", "mogrifier"])
 @pytest.mark.parametrize("method", ["rms", "sgd"])
 def test_a_learning_rate_of_zero_is_static_evaluation_exactly(trained, corpus, family, method):
     model, vocab, _ = lmcore.load_checkpoint(trained[family])
