@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .batching import batchify, bptt_windows, eval_batches
 from .config import EvalConfig
 from .models import detach_state
-from .train import load_for_evaluation, score_window, scores
+from .train import load_for_evaluation, loss_and_ppl, score_window
 
 
 @dataclass
@@ -69,7 +69,7 @@ class DynamicEval:
                     p.copy_(trained[name])
             model.zero_grad(set_to_none=True)
             model.train(was_training)
-        return scores(total, count)
+        return loss_and_ppl(total, count)
 
     def rates(self, trained: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Per-parameter (decay rate, gradient step scale) of the update rule."""

@@ -70,7 +70,7 @@ def evaluate(model: LanguageModel, tokens: Tensor, *, eos_id: int, batch_size: i
         total += loss
         count += scored
     model.train(was_training)
-    return scores(total, count)
+    return loss_and_ppl(total, count)
 
 
 def score_window(model: LanguageModel, inputs: Tensor, targets: Tensor, state, device: torch.device,
@@ -84,7 +84,7 @@ def score_window(model: LanguageModel, inputs: Tensor, targets: Tensor, state, d
     return loss, int((targets != -100).sum()), state
 
 
-def scores(total: Tensor, count: int) -> dict[str, float]:
+def loss_and_ppl(total: Tensor, count: int) -> dict[str, float]:
     loss = total.item() / count
     return {"loss": loss, "ppl": safe_exp(loss), "tokens": count}
 
