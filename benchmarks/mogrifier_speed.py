@@ -8,7 +8,7 @@ Implementations, each timed on the same input (one sequence [T, B, input], rando
 loss = sum of the outputs, parameter gradients cleared between iterations):
 
 * ours         `lmcore.models.MogrifierLSTMLayer` as the trainer uses it (the fast path).
-* ours (py)    the same, with the C++ per-step loops (lmcore/models/mogrifier_cpu.cpp) switched off: the
+* ours (py)    the same, with the C++ per-step loops (lmcore/models/mogrifier/cpu.cpp) switched off: the
                Python loops of the fast path (what runs where the extension cannot be built).
 * reference    the same layer's `forward_reference`: the straightforward per-step, per-round loop.
 * peer         the PyPI `mogrifier` package (0.0.5, `pip install mogrifier==0.0.5`) used as its README
@@ -43,8 +43,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lmcore.models import mogrifier_cpu, mogrifier_fast  # noqa: E402
 from lmcore.models.mogrifier import MogrifierLSTMLayer  # noqa: E402
+from lmcore.models.mogrifier import cpu as mogrifier_cpu  # noqa: E402
+from lmcore.models.mogrifier import fast as mogrifier_fast  # noqa: E402
 
 try:
     from mogrifier import Mogrifier

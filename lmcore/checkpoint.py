@@ -92,17 +92,20 @@ def set_rng_state(state: dict[str, Any], windows: torch.Generator) -> None:
 
 
 def save(path: str | Path, *, config: Config, model: LanguageModel, optimizer: torch.optim.Optimizer,
-         vocab: Vocab, loop: dict[str, Any], windows: torch.Generator) -> None:
-    """Write a resumable checkpoint atomically: a crash mid-write never leaves a truncated file behind."""
+         vocab: Vocab, loop: dict[str, Any], windows: torch.Generator, averaging: dict[str, Any] | None = None
+         ) -> None:
+    """Write a resumable checkpoint atomically: a crash mid-write never leaves a truncated file behind.
+    `averaging`: the weight averager's state (lmcore/averaging.py), when the model holds averaged weights."""
     payload = {"format": FORMAT, "config": config.model_dump(), "model_config": model.config.model_dump(),
                "vocab": vocab.to_list(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "loop": dict(loop), "rng": rng_state(windows)}
+               "loop": dict(loop), "rng": rng_state(windows), "averaging": averaging}
     files.write_atomically(path, lambda f: torch.save(payload, f))
 
 
 def restore(path: str | Path, *, model: LanguageModel, optimizer: torch.optim.Optimizer,
-            windows: torch.Generator, vocab: Vocab) -> dict[str, Any]:
-    """Load `save`'s file into the model, optimiser and generators; returns the loop's position."""
+            windows: torch.Generator, vocab: Vocab, averager=None) -> dict[str, Any]:
+    """Load `save`'s file into the model, optimiser, generators (and weight averager); returns the loop's
+    position."""
     saved = read_file(path)
     if saved["vocab"] != vocab.to_list():
         raise CheckpointError(f"{path}: trained on another vocabulary than this run's data")
@@ -110,6 +113,8 @@ def restore(path: str | Path, *, model: LanguageModel, optimizer: torch.optim.Op
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         set_rng_state(saved["rng"], windows)
+        if averager is not None:
+            averager.load(saved.get("averaging"))  # puts the training weights back under the saved average
         return dict(saved["loop"])
     except Exception as err:
         raise CheckpointError(f"{path}: does not fit this run's model and optimiser ({type(err).__name__}: "

@@ -40,6 +40,7 @@ from .config import (
     parse_value,
 )
 from .data import Corpus, DataError, load_corpus
+from .dynamic import choose_and_test
 from .exitcodes import ExitCode
 from .train import check_fits, evaluate_checkpoint, resolve_device, train
 
@@ -123,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", help="where the data is (default: the run's data.dir, $LMCORE_DATA_DIR, the cache)")
     ev.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     ev.add_argument("--splits", nargs="+", default=["valid", "test"], choices=["train", "valid", "test"])
+    ev.add_argument("--dynamic", action="store_true", help="dynamic evaluation with the run's eval.* settings")
+    ev.add_argument("--dynamic-search", action="store_true",
+                    help="dynamic evaluation: choose eval.dynamic_lr and _decay on valid, then score test once")
+    ev.add_argument("--set", action="append", default=[], metavar="eval.KEY=VALUE",
+                    help="a dynamic-evaluation setting (eval.*), repeatable")
     return parser
 
 
@@ -339,7 +345,7 @@ def train_and_evaluate(args: argparse.Namespace, config: Config, corpus: Corpus,
         scores, _ = evaluate_checkpoint(best, ("valid", "test"), batch_size=args.test_batch_size,
                                         device=config.train.device, data_dir=config.data.dir)
         batch_size = args.test_batch_size or config.data.eval_batch_size
-        for line in table(best, scores, batch_size):
+        for line in table(best, scores, f"batch size {batch_size}"):
             log.info("%s", line)
         final = {"checkpoint": str(best), "batch_size": batch_size, **scores, "status": summary["status"]}
         files.write_text(run_dir / "final.json", json.dumps(final, indent=2))
@@ -349,8 +355,9 @@ def train_and_evaluate(args: argparse.Namespace, config: Config, corpus: Corpus,
     return ExitCode.OK
 
 
-def table(path: Path, scores: dict[str, dict[str, float]], batch_size: int) -> list[str]:
-    lines = [f"{'split':<8}{'loss':>10}{'ppl':>12}{'tokens':>12}   ({path}, batch size {batch_size})"]
+def table(path: Path, scores: dict[str, dict[str, float]], how: str) -> list[str]:
+    """The printed valid/test table; `how` says how it was scored (batch size, or the dynamic evaluation)."""
+    lines = [f"{'split':<8}{'loss':>10}{'ppl':>12}{'tokens':>12}   ({path}, {how})"]
     lines += [f"{split:<8}{r['loss']:>10.4f}{r['ppl']:>12.2f}{r['tokens']:>12,}" for split, r in scores.items()]
     return lines
 
@@ -361,10 +368,38 @@ def run_evaluate(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint) if args.checkpoint else run_folder(args.runs_dir, args.run_name) / "best.pt"
     if not path.is_file():
         raise UsageError(f"{path}: no such checkpoint")
+    dynamic = dynamic_settings(args)
+    if args.dynamic_search:
+        result = choose_and_test(path, args.data_dir, args.device, dynamic)
+        print("dynamic evaluation, lr and decay chosen on valid: " + json.dumps(result))
+        return ExitCode.OK
     scores, config = evaluate_checkpoint(path, tuple(args.splits), batch_size=args.batch_size,
-                                         data_dir=args.data_dir, device=args.device)
-    print("\n".join(table(path, scores, args.batch_size or config.data.eval_batch_size)))
+                                         data_dir=args.data_dir, device=args.device,
+                                         dynamic=dynamic if args.dynamic else None)
+    how = f"batch size {args.batch_size or config.data.eval_batch_size}"
+    if args.dynamic:
+        e = config.eval
+        how = (f"dynamic evaluation: {e.dynamic_method}, lr {e.dynamic_lr:g}, decay {e.dynamic_decay:g}, "
+               f"bptt {e.dynamic_bptt}, batch size {e.dynamic_batch_size}")
+    print("\n".join(table(path, scores, how)))
     return ExitCode.OK
+
+
+def dynamic_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """`evaluate --set eval.dynamic_lr=...` -> {"eval.dynamic_lr": ...}, checked against the vocabulary."""
+    if args.set and not (args.dynamic or args.dynamic_search):
+        raise UsageError("evaluate: --set only applies with --dynamic or --dynamic-search")
+    try:
+        overrides = dict(parse_override(text) for text in args.set)
+        make_config({}, overrides)
+    except ValidationError as err:
+        raise UsageError("\n".join(error_lines(err, "--set"))) from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    wrong = [name for name in overrides if not name.startswith("eval.")]
+    if wrong:
+        raise UsageError(f"evaluate --set: only eval.* settings apply to a trained model, not {', '.join(wrong)}")
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:

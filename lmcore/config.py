@@ -83,14 +83,28 @@ class ModelConfig(_Section):
     d_model: Int = Field(256, gt=0, description="transformer width")
     heads: Int = Field(4, gt=0, description="transformer attention heads")
     ff: Int | None = Field(None, gt=0, description="transformer feed-forward size; None = 4 * d_model")
-    pos_encode: Literal["none", "sinusoidal", "learned"] = "sinusoidal"
-    max_len: Int = Field(512, gt=0, description="longest window the transformer's positions cover")
+    pos_encode: Literal["none", "sinusoidal", "learned", "rope"] = Field(
+        "sinusoidal", description="transformer positions: none | sinusoidal | learned (absolute) | rope (rotary)"
+    )
+    max_len: Int = Field(512, gt=0, description="longest window the transformer's absolute positions cover")
+    memory: Int = Field(
+        0, ge=0, description="transformer: tokens of earlier windows each block attends to (Transformer-XL); 0 = none"
+    )
+    softmax_mixtures: Int = Field(1, gt=0, description="mixture of softmaxes components (Yang et al.); 1 = one softmax")
     dropout: DropoutConfig = Field(default_factory=DropoutConfig)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
         if self.family == "transformer" and self.params_budget is None and self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
+        return self
+
+    @model_validator(mode="after")
+    def _memory_needs_relative_positions(self) -> ModelConfig:
+        # Absolute positions restart at 0 in every window, so a memory would see the same positions twice.
+        if self.family == "transformer" and self.memory and self.pos_encode in ("sinusoidal", "learned"):
+            raise ValueError(f"model.memory ({self.memory}) needs model.pos_encode rope or none "
+                             f"(absolute {self.pos_encode} positions restart in every window)")
         return self
 
 
@@ -104,6 +118,12 @@ class OptimConfig(_Section):
     lr_decay: float = Field(
         0.25, gt=0.0, le=1.0, description="multiply lr by this when valid ppl does not improve; 1 = off"
     )
+    average: Literal["none", "ema", "asgd"] = Field(
+        "none", description="validate and save averaged weights: none | ema | asgd (AWD-LSTM's triggered average)"
+    )
+    ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="ema: weight of the old average at each step")
+    asgd_nonmono: int = Field(5, gt=0, description="asgd: start averaging when valid loss is worse than "
+                                                  "the best of all but this many last epochs")
 
 
 class TrainConfig(_Section):
@@ -126,17 +146,37 @@ class TrainConfig(_Section):
         return device
 
 
+class EvalConfig(_Section):
+    """Dynamic evaluation (Krause et al., 2018): after scoring each window, a gradient step on it, decaying
+    toward the trained weights. Used by `evaluate --dynamic`; the defaults are those of their code
+    (benkrause/dynamic-evaluation)."""
+
+    dynamic_method: Literal["rms", "sgd"] = Field(
+        "rms", description="dynamic evaluation: rms (steps scaled by training gradients' RMS) | sgd"
+    )
+    dynamic_lr: float = Field(5e-5, ge=0.0, description="dynamic evaluation step size; 0 = static evaluation")
+    dynamic_decay: float = Field(2e-3, ge=0.0, description="dynamic evaluation decay toward the trained weights")
+    dynamic_epsilon: float = Field(2e-5, gt=0.0, description="rms: added to the gradient RMS")
+    dynamic_bptt: Int = Field(5, gt=0, description="dynamic evaluation window (tokens per step)")
+    dynamic_batch_size: Int = Field(1, gt=0, description="dynamic evaluation batch size (1: one stream)")
+    dynamic_stat_batch_size: Int = Field(100, gt=0, description="rms: batch size of the training-gradient pass")
+    dynamic_stat_windows: Int | None = Field(
+        None, gt=0, description="rms: training windows for the gradient RMS; None = the whole training split"
+    )
+
+
 class Config(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("model")
     @classmethod
     def _positions_cover_windows(cls, m: ModelConfig, info: ValidationInfo) -> ModelConfig:
         data = info.data.get("data")  # validated first (declared first); absent when it was invalid
-        if data is None or m.family != "transformer" or m.pos_encode == "none":
+        if data is None or m.family != "transformer" or m.pos_encode in ("none", "rope"):  # rope has no table
             return m
         longest = longest_window(data.bptt, data.variable_bptt)
         if m.max_len < longest:

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from . import checkpoint
+from .averaging import Averager
 from .batching import batchify, bptt_windows, eval_batches
 from .config import Config, SettingError, make_config
-from .data import Corpus, DataError, load_corpus
+from .data import Corpus, DataError, Vocab, load_corpus
 from .models import LanguageModel, build_model, detach_state, solve_budget
 
 log = logging.getLogger("lmcore")
@@ -93,41 +94,61 @@ def autocast(device: torch.device, enabled: bool):
 
 @torch.no_grad()
 def evaluate(model: LanguageModel, tokens: Tensor, *, eos_id: int, batch_size: int = 10, bptt: int = 35,
-             device: torch.device | str | None = None, amp: bool = False) -> dict[str, float]:
-    """Score every token of `tokens` exactly once, carrying the state across the whole split."""
+             device: torch.device | str | None = None, amp: bool = False, dynamic=None) -> dict[str, float]:
+    """Score every token of `tokens` exactly once, carrying the state across the whole split.
+    `dynamic` (a lmcore.dynamic.DynamicEval) scores with dynamic evaluation instead, in its own windows and
+    batch size (eval.dynamic_bptt, eval.dynamic_batch_size); the model's weights are restored afterwards."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    if dynamic is not None:
+        return dynamic.evaluate(model, tokens, eos_id=eos_id, device=device, amp=amp)
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     state = None
     for inputs, targets in eval_batches(tokens, batch_size, bptt, eos_id):
-        targets = targets.to(device)
-        with autocast(device, amp):
-            logits, state = model(inputs.to(device), state)
-        total += nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                                             ignore_index=-100, reduction="sum")
-        count += int((targets != -100).sum())
+        loss, scored, state = score_window(model, inputs, targets, state, device, amp)
+        total += loss
+        count += scored
     model.train(was_training)
+    return loss_and_ppl(total, count)
+
+
+def score_window(model: LanguageModel, inputs: Tensor, targets: Tensor, state, device: torch.device,
+                 amp: bool) -> tuple[Tensor, int, object]:
+    """(summed cross-entropy of the window's scored targets, how many were scored, the new state)."""
+    targets = targets.to(device)
+    with autocast(device, amp):
+        logits, state = model(inputs.to(device), state)
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                                       reduction="sum")
+    return loss, int((targets != -100).sum()), state
+
+
+def loss_and_ppl(total: Tensor, count: int) -> dict[str, float]:
     loss = total.item() / count
     return {"loss": loss, "ppl": safe_exp(loss), "tokens": count}
 
 
 def evaluate_checkpoint(path: str | Path, splits: tuple[str, ...] = ("valid", "test"), *,
                         batch_size: int | None = None, data_dir: str | None = None,
-                        device: str = "auto") -> tuple[dict[str, dict[str, float]], Config]:
+                        device: str = "auto", dynamic: dict[str, Any] | None = None
+                        ) -> tuple[dict[str, dict[str, float]], Config]:
     """The final evaluation: a checkpoint's loss and perplexity on the asked splits (test only when asked),
-    with the run's own data, bptt and (by default) evaluation batch size. Returns ({split: result}, config)."""
-    model, vocab, config = checkpoint.load_checkpoint(path, resolve_device(device))
-    corpus = load_corpus(config.data.name, data_dir or config.data.dir)
-    if corpus.vocab != vocab:
-        raise DataError(f"{path}: the checkpoint's vocabulary does not match {config.data.name}'s")
+    with the run's own data, bptt and (by default) evaluation batch size. Returns ({split: result}, config).
+    `dynamic`: dynamic evaluation, with these `eval.*` settings over the run's own (e.g. {} for the run's)."""
+    model, vocab, config, corpus = load_for_evaluation(path, data_dir, device)
     scoring = dict(eos_id=vocab.eos_id, batch_size=batch_size or config.data.eval_batch_size,
                    bptt=config.data.bptt, amp=config.train.amp)
     for split in splits:
         if scoring["batch_size"] > getattr(corpus, split).numel():
             raise SettingError(f"batch size: {scoring['batch_size']} is more than the "
                                f"{getattr(corpus, split).numel():,} tokens of the {split} split")
+    if dynamic is not None:
+        from .dynamic import prepare  # dynamic.py builds on this module
+
+        config = config.updated(dynamic)
+        scoring["dynamic"] = prepare(model, corpus.train, config.eval, amp=config.train.amp)
     scores = {}
     for split in splits:  # a long evaluation says what it is doing
         started = time.perf_counter()
@@ -137,6 +158,16 @@ def evaluate_checkpoint(path: str | Path, splits: tuple[str, ...] = ("valid", "t
         log.info("%s: loss %.4f, ppl %.2f (%.1fs)", split, scores[split]["loss"], scores[split]["ppl"],
                  time.perf_counter() - started)
     return scores, config
+
+
+def load_for_evaluation(path: str | Path, data_dir: str | None,
+                        device: str) -> tuple[LanguageModel, Vocab, Config, Corpus]:
+    """A checkpoint's (model, vocab, config) and its corpus, checked to share the vocabulary."""
+    model, vocab, config = checkpoint.load_checkpoint(path, resolve_device(device))
+    corpus = load_corpus(config.data.name, data_dir or config.data.dir)
+    if corpus.vocab != vocab:
+        raise DataError(f"{path}: the checkpoint's vocabulary does not match {config.data.name}'s")
+    return model, vocab, config, corpus
 
 
 def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -171,16 +202,20 @@ def train(config: Config | dict, report: Report | None = None, resume_from: str 
 
     model = build_model(config, len(corpus.vocab)).to(device)
     optimizer = make_optimizer(config, model)
+    averager = Averager(optim, model)  # optim.average: validation and checkpoints see the averaged weights
+    averager.hook(optimizer)
     train_data = batchify(corpus.train, data.batch_size).to(device)
     params = model.num_parameters()
     loop = {"epoch": 0, "position": 0, "lr": optim.lr, "best_valid_loss": math.inf, "elapsed_s": 0.0}
     if resume_from is not None:
-        loop = checkpoint.restore(resume_from, model=model, optimizer=optimizer, windows=windows, vocab=corpus.vocab)
+        loop = checkpoint.restore(resume_from, model=model, optimizer=optimizer, windows=windows, vocab=corpus.vocab,
+                                  averager=averager)
         log.info("resumed from %s after epoch %d", resume_from, loop["epoch"])
 
     def save_checkpoint(path: Path) -> None:
-        checkpoint.save(path, config=config, model=model, optimizer=optimizer, vocab=corpus.vocab, loop=loop,
-                        windows=windows)
+        with averager.applied(model) as averaging:  # the checkpoint's model holds the averaged weights
+            checkpoint.save(path, config=config, model=model, optimizer=optimizer, vocab=corpus.vocab, loop=loop,
+                            windows=windows, averaging=averaging)
 
     if run.progress:
         log.info("%s: %s parameters, %d training tokens, device %s", model.config.family, f"{params:,}",
@@ -190,9 +225,12 @@ def train(config: Config | dict, report: Report | None = None, resume_from: str 
         started = time.perf_counter()
         train_loss, tokens = train_epoch(model, optimizer, train_data, config, loop, windows, device, epoch)
         seconds = time.perf_counter() - started
-        valid = evaluate(model, corpus.valid, eos_id=corpus.vocab.eos_id, batch_size=data.eval_batch_size,
-                         bptt=data.bptt, device=device, amp=run.amp) if not diverged(train_loss) else None
+        with averager.applied(model):
+            valid = evaluate(model, corpus.valid, eos_id=corpus.vocab.eos_id, batch_size=data.eval_batch_size,
+                             bptt=data.bptt, device=device, amp=run.amp) if not diverged(train_loss) else None
         blew_up = valid is None or diverged(valid["loss"])
+        if not blew_up:
+            averager.end_epoch(valid["loss"])
         loop["epoch"] = epoch
         loop["elapsed_s"] += time.perf_counter() - started
         if not blew_up:

@@ -36,10 +36,11 @@ def report(folder: str | Path, evaluate: bool = True) -> dict[str, Any]:
     folder = results.folder
     top_k = (results.experiment.report if results.experiment else ReportSpec()).top_k
     families = results.best_per_family()
-    evals = final_evaluation(results, families["trial_id"].tolist()) if evaluate else {}
-    families["valid_ppl"] = families["trial_id"].map(lambda t: evals.get(t, {}).get("valid_ppl", math.nan))
-    families["test_ppl"] = families["trial_id"].map(lambda t: evals.get(t, {}).get("test_ppl", math.nan))
-    families = families[FAMILY_COLUMNS]
+    dynamic = results.experiment.report.dynamic if results.experiment else False  # adds dynamic_test_ppl
+    evals = final_evaluation(results, families["trial_id"].tolist(), dynamic) if evaluate else {}
+    for column in ["valid_ppl", "test_ppl"] + ["dynamic_test_ppl"] * dynamic:
+        families[column] = families["trial_id"].map(lambda t, c=column: evals.get(t, {}).get(c, math.nan))
+    families = families[FAMILY_COLUMNS + ["dynamic_test_ppl"] * dynamic]
 
     write_table(results.trials, folder, "trials")
     write_table(results.top(top_k), folder, "top_k", parquet=False)
@@ -61,7 +62,7 @@ def write_figures(results: Results) -> list[str]:
     return list(FIGURES)
 
 
-def final_evaluation(results: Results, trial_ids: list[str]) -> dict[str, dict[str, Any]]:
+def final_evaluation(results: Results, trial_ids: list[str], dynamic: bool = False) -> dict[str, dict[str, Any]]:
     """Valid and test perplexity of each trial's best checkpoint; each checkpoint meets the test split once."""
     cache_file = results.folder / FINAL_EVAL_FILE
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
@@ -74,6 +75,12 @@ def final_evaluation(results: Results, trial_ids: list[str]) -> dict[str, dict[s
         if key not in cache:
             print(f"Evaluating the best checkpoint of trial {trial_id} on valid and test: {key}")
             cache[key] = evaluate_checkpoint(checkpoint / CHECKPOINT_FILE)
+            files.write_text(cache_file, json.dumps(cache, indent=2) + "\n")
+        if dynamic and "dynamic_test_ppl" not in cache[key]:
+            from lmcore.dynamic import choose_and_test
+
+            print(f"Dynamic evaluation of trial {trial_id} (lr and decay chosen on valid, then test once): {key}")
+            cache[key].update(choose_and_test(checkpoint / CHECKPOINT_FILE))
             files.write_text(cache_file, json.dumps(cache, indent=2) + "\n")
         evals[trial_id] = {**cache[key], "checkpoint": key}
     return evals

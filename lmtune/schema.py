@@ -24,9 +24,9 @@ from pydantic import (
 from lmcore import files
 from lmcore.config import Config, Family, did_you_mean, error_lines, field_names, flatten, make_config, set_dotted
 from lmcore.train import EpochMetrics
-from lmtune.space import CategoricalSpec, FixedSpec, Param, SearchSpace, SpaceError, parse_params
+from lmtune.space import CategoricalSpec, FixedSpec, IntSpec, Param, SearchSpace, SpaceError, parse_params
 
-LMCORE_SECTIONS = ("data", "model", "optim", "train")
+LMCORE_SECTIONS = ("data", "model", "optim", "train", "eval")
 # A study ranks trials by one of the validation metrics that `lmcore.train` reports each epoch.
 METRICS = tuple(k for k in EpochMetrics.__annotations__ if k.startswith(("valid_", "best_valid_")))
 # Settings the experiment itself decides; a search space must not vary them.
@@ -93,6 +93,7 @@ class FailureSpec(_Strict):
 
 class ReportSpec(_Strict):
     top_k: Int = Field(5, ge=1, le=1000, description="rows of the top-k table")
+    dynamic: bool = Field(False, description="also dynamic evaluation of each family's best (dynamic_test_ppl)")
 
 
 class ExperimentSpec(_Strict):
@@ -125,6 +126,9 @@ class ExperimentSpec(_Strict):
             raise ValueError(f"{', '.join(missing)} not installed: pip install {' '.join(missing)} "
                              "(or the project's [trackers] extra)")
         return list(dict.fromkeys(loggers))
+    start_from: list[dict[str, Any]] = Field(
+        default_factory=list, description="known configurations (searched settings) the study tries first"
+    )
 
     @field_validator("storage")
     @classmethod
@@ -148,6 +152,7 @@ class Experiment:
     space: SearchSpace
     source: str  # the experiment file, for messages
     pinned: dict[str, Any] = field(default_factory=dict)  # lmcore settings pinned with --set
+    start_points: list[dict[str, Any]] = field(default_factory=list)  # start_from in Optuna's parameter names
 
     @property
     def name(self) -> str:
@@ -186,7 +191,8 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     spec.storage = str(Path(spec.storage).expanduser().resolve())
     base = _base_config(spec, source)
     space = _search_space(spec, base, source, pinned)
-    return Experiment(spec=spec, base=base, space=space, source=source, pinned=pinned)
+    points = _start_points(spec.start_from, space, base, source)
+    return Experiment(spec=spec, base=base, space=space, source=source, pinned=pinned, start_points=points)
 
 
 def message(lines: list[str]) -> str:
@@ -424,3 +430,48 @@ def _check_samples(space: SearchSpace, base: Config, source: str) -> None:
             raise ExperimentError(message(
                 [f"{source}: these settings are invalid together: {files.short_repr(settings, 400)}",
                  *error_lines(err, source)])) from None
+
+
+def _start_points(start_from: list[dict[str, Any]], space: SearchSpace, base: Config,
+                  source: str) -> list[dict[str, Any]]:
+    """Validate `start_from` like search-space values and translate each point to Optuna's parameter names.
+    A point names searched settings only; settings it leaves out are sampled as usual."""
+    names, points, errors = set(field_names()), [], []
+    for i, point in enumerate(start_from):
+        where = f"{source}: start_from[{i}]"
+        point = flatten(point)
+        errors += [f"{where}.{k}: unknown setting{did_you_mean(k, names)}" for k in point if k not in names]
+        errors += [f"{where}.{k}: not searched by this experiment's space (set it in `fixed`)" for k in point
+                   if k in names and k not in space.names()]
+        keys, chosen = {}, dict(space.context)
+        for p in space.params:
+            if p.name not in point or isinstance(p.spec, FixedSpec):
+                continue
+            if not p.active({**chosen, **point}):
+                continue
+            problem = _outside(p, point[p.name])
+            if problem:
+                errors.append(f"{where}.{p.name}: {problem}")
+            keys[p.key], chosen[p.name] = point[p.name], point[p.name]
+        errors += [f"{where}.{k}: does not exist with this point's other settings (see its `when`)"
+                   for k in point if k in space.names() and k not in chosen]
+        if not errors:
+            try:
+                make_config(base, {**space.constants, **point})
+            except ValidationError as err:
+                errors += error_lines(err, where)
+        points.append(keys)
+    if errors:
+        raise ExperimentError(message(errors))
+    return points
+
+
+def _outside(param: Param, value: Any) -> str | None:
+    """Why `value` is not in the param's range or choices (None when it is)."""
+    s = param.spec
+    if isinstance(s, CategoricalSpec):
+        return None if value in s.choices else f"{value!r} is not one of {s.choices}"
+    wanted = "an int" if isinstance(s, IntSpec) else "a number"
+    if isinstance(value, bool) or not isinstance(value, int if isinstance(s, IntSpec) else (int, float)):
+        return f"{value!r} is not {wanted}"
+    return None if s.low <= value <= s.high else f"{value!r} is outside [{s.low}, {s.high}]"

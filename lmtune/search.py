@@ -95,6 +95,7 @@ def make_searcher(exp: Experiment, folder: Path, max_concurrent: int) -> StudyTr
         sampler=sampler,
         study_name=exp.name,
         storage=storage,
+        points_to_evaluate=exp.start_points or None,  # start_from: enqueued as the study's first trials
     )
     return StudyTrials(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), exp.spec.trials)
 

@@ -49,7 +49,7 @@ def test_state_is_carried_between_calls(family, device):
         assert torch.allclose(torch.cat([first, second]), whole, atol=1e-5)
 
 
-@pytest.mark.parametrize("pos_encode", ["none", "sinusoidal", "learned"])
+@pytest.mark.parametrize("pos_encode", ["none", "sinusoidal", "learned", "rope"])
 def test_transformer_is_causal(pos_encode):
     torch.manual_seed(0)
     model = build_model(small("transformer", **{"model.pos_encode": pos_encode}), vocab_size=30).eval()
@@ -72,6 +72,13 @@ def test_positional_encoding_makes_order_matter():
             torch.nn.init.normal_(model.body.positions)
         logits, _ = model(tokens)
         assert (not torch.allclose(logits[0], logits[-1], atol=1e-5)) == varies, pos_encode
+    # Rotary positions are relative: a constant sequence looks the same everywhere, but order does matter
+    # (one block: with two, causal masking alone already tells orders apart).
+    for pos_encode, varies in [("none", False), ("rope", True)]:
+        config = small("transformer", **{"model.pos_encode": pos_encode, "model.layers": 1})
+        model = build_model(config, vocab_size=30).eval()
+        last = [model(torch.tensor(order).unsqueeze(1))[0][-1] for order in ([3, 4, 4, 5], [4, 3, 4, 5])]
+        assert (not torch.allclose(*last, atol=1e-5)) == varies, pos_encode
 
 
 def test_dropout_is_off_in_eval_and_variational_in_training():

@@ -1,4 +1,4 @@
-"""The Mogrifier LSTM layer: its equations, and the fast path (mogrifier_fast.py) against the reference.
+"""The Mogrifier LSTM layer: its equations, and the fast path (mogrifier/fast.py) against the reference.
 
 `paper_step` below is the paper's equations written out with plain tensor maths on the layer's
 parameters, independent of lmcore; `forward_reference` is checked against it, and the fast path
@@ -14,8 +14,9 @@ import pytest
 import torch
 from torch import nn
 
-from lmcore.models import mogrifier_cpu, mogrifier_fast
 from lmcore.models.mogrifier import MogrifierLSTMLayer
+from lmcore.models.mogrifier import cpu as mogrifier_cpu
+from lmcore.models.mogrifier import fast as mogrifier_fast
 
 T, B, M, N = 5, 3, 6, 4  # input size != hidden size, so that transposed shapes cannot pass by accident
 ROUNDS = range(7)

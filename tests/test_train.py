@@ -39,11 +39,13 @@ def test_every_family_learns_far_below_the_unigram_level(markov_corpus_dir, fami
     assert summary["best_valid_ppl"] < 0.5 * unigram_ppl(corpus), (summary, unigram_ppl(corpus))
 
 
-def test_resumed_run_continues_identically(markov_corpus_dir, tmp_path):
-    # Dropout, variable BPTT, a learning-rate decay and steps_per_epoch all draw on saved state.
+@pytest.mark.parametrize("average", ["none", "ema"])
+def test_resumed_run_continues_identically(markov_corpus_dir, tmp_path, average):
+    # Dropout, variable BPTT, a learning-rate decay, steps_per_epoch and the weight average all draw on saved state.
     config = tiny_run(markov_corpus_dir, **{"train.epochs": 3, "train.steps_per_epoch": 7,
                                             "model.dropout.state": 0.3, "model.dropout.embedding": 0.1,
-                                            "model.dropout.input": 0.2, "optim.lr_decay": 0.5})
+                                            "model.dropout.input": 0.2, "optim.lr_decay": 0.5,
+                                            "optim.average": average, "optim.ema_decay": 0.9})
     whole = []
     lmcore.train(config, report=lambda m, save: whole.append(m))
 

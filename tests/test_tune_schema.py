@@ -126,7 +126,7 @@ def test_experiment_errors(tmp_path, capsys, changes, message):
     (params(model__dropout__state={"type": "float", "low": 0.0, "high": 1.5}),
      "space.yaml: params.model.dropout.state: Input should be less than 1 (got 1.5)"),
     (params(model__pos_encode={"choices": ["sinusoidal", "rotary"]}),
-     "space.yaml: params.model.pos_encode: Input should be 'none', 'sinusoidal' or 'learned' (got 'rotary')"),
+     "space.yaml: params.model.pos_encode: Input should be 'none', 'sinusoidal', 'learned' or 'rope' (got 'rotary')"),
     (params(model__hidden={"type": "int", "low": 16, "high": 64}),
      "space.yaml: params.model.hidden: is also in the experiment's fixed settings"),
     (params(train__epochs={"type": "int", "low": 1, "high": 3}),

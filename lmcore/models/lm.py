@@ -1,6 +1,9 @@
 """The language-model shell shared by every family: embedding -> body -> (projection) -> decoder.
 
-    model(tokens [T, B], state=None) -> (logits [T, B, vocab], new_state)
+    model(tokens [T, B], state=None) -> (scores [T, B, vocab], new_state)
+
+The scores are logits; with a mixture of softmaxes (K > 1) they are normalised log-probabilities, which
+are their own log-softmax, so cross-entropy (the training and evaluation loss) reads both the same way.
 """
 from __future__ import annotations
 
@@ -27,14 +30,20 @@ class LanguageModel(nn.Module):
         elif config.family == "transformer":
             self.body = TransformerStack(embedding_size, config.d_model, config.heads, config.layers,
                                          config.ff or 4 * config.d_model, drop.inter, config.pos_encode,
-                                         config.max_len)
+                                         config.max_len, config.memory)
         else:
             self.body = FusedRNNStack(config.family, embedding_size, config.hidden, config.layers,
                                       drop.inter, drop.state)
         out = self.body.output_size
-        # Tied weights need the decoder's input to be embedding-sized: project when the sizes differ.
-        self.projection = nn.Linear(out, embedding_size) if config.tie_weights and out != embedding_size else None
-        self.decoder = nn.Linear(embedding_size if config.tie_weights else out, vocab_size)
+        decoder_input = embedding_size if config.tie_weights else out
+        if config.softmax_mixtures > 1:  # the mixture's latent layer also does the tying projection
+            self.projection = None
+            self.mixture = MixtureOfSoftmaxes(out, decoder_input, config.softmax_mixtures)
+        else:
+            # Tied weights need the decoder's input to be embedding-sized: project when the sizes differ.
+            self.projection = nn.Linear(out, embedding_size) if decoder_input != out else None
+            self.mixture = None
+        self.decoder = nn.Linear(decoder_input, vocab_size)
         if config.tie_weights:
             self.decoder.weight = self.embedding.weight
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
@@ -46,6 +55,8 @@ class LanguageModel(nn.Module):
         x = locked_dropout(x, drop.input, self.training)
         x, state = self.body(x, state)
         x = locked_dropout(x, drop.output, self.training)
+        if self.mixture is not None:
+            return self.mixture(x, self.decoder), state
         if self.projection is not None:
             x = self.projection(x)
         return self.decoder(x), state
@@ -53,6 +64,23 @@ class LanguageModel(nn.Module):
     def num_parameters(self) -> int:
         """Trainable parameters, tied weights counted once."""
         return sum(p.numel() for p in self.parameters())
+
+
+class MixtureOfSoftmaxes(nn.Module):
+    """Yang et al. (2018): K softmaxes over the (shared, possibly tied) decoder, each fed its own tanh
+    latent of the hidden state, mixed by a softmax prior. Returns normalised log-probabilities."""
+
+    def __init__(self, hidden: int, decoder_input: int, components: int):
+        super().__init__()
+        self.components = components
+        self.latent = nn.Linear(hidden, components * decoder_input)
+        self.prior = nn.Linear(hidden, components, bias=False)  # as in zihangdai/mos
+
+    def forward(self, x: Tensor, decoder: nn.Linear) -> Tensor:
+        latent = torch.tanh(self.latent(x)).unflatten(-1, (self.components, -1))  # [T, B, K, decoder_input]
+        log_probs = torch.log_softmax(decoder(latent).float(), dim=-1)  # [T, B, K, vocab]
+        log_prior = torch.log_softmax(self.prior(x).float(), dim=-1).unsqueeze(-1)  # [T, B, K, 1]
+        return torch.logsumexp(log_prior + log_probs, dim=-2)
 
 
 def build_model(config: Config | ModelConfig | dict, vocab_size: int) -> LanguageModel:

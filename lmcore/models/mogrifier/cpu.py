@@ -1,6 +1,6 @@
-"""Loads the C++ per-step loops of the Mogrifier fast path (mogrifier_cpu.cpp), compiled at first use.
+"""Loads the C++ per-step loops of the Mogrifier fast path (cpu.cpp), compiled at first use.
 
-`extension()` returns the compiled module, or None where it cannot be used; mogrifier_fast then runs its
+`extension()` returns the compiled module, or None where it cannot be used; fast.py then runs its
 Python loops (same results, 1.3-1.6x slower at n=256). It cannot be used when:
 
 * it is disabled: `enabled = False` here, or the environment variable LMCORE_MOGRIFIER_CPP=0;
@@ -28,7 +28,7 @@ import torch
 
 enabled: bool = os.environ.get("LMCORE_MOGRIFIER_CPP", "1") not in ("0", "false", "False", "")
 
-_SOURCE = Path(__file__).with_name("mogrifier_cpu.cpp")
+_SOURCE = Path(__file__).with_name("cpu.cpp")
 _NAME = "lmcore_mogrifier_cpu_torch" + torch.__version__.split("+")[0].replace(".", "_")
 _lock = threading.Lock()
 _module = None

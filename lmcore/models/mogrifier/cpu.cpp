@@ -1,7 +1,7 @@
-// The per-step loops of the Mogrifier LSTM fast path (mogrifier_fast.py), in C++: CPU, float32, x86-64 with
-// AVX2 and PyTorch's MKL (mogrifier_cpu.py checks all that before building this).
+// The per-step loops of the Mogrifier LSTM fast path (fast.py), in C++: CPU, float32, x86-64 with
+// AVX2 and PyTorch's MKL (cpu.py checks all that before building this).
 //
-// The Python autograd.Function (mogrifier_fast._MogrifierLSTMFunction) allocates every buffer, computes the
+// The Python autograd.Function (fast._MogrifierLSTMFunction) allocates every buffer, computes the
 // weight gradients as big matmuls after the backward loop, and chooses between these loops and its own
 // Python loops: the buffers and their meaning are exactly those of the Python loops, which stay the readable
 // version of what happens here. What is different here, and why it is faster:
@@ -131,7 +131,7 @@ void round_forward(float* z, const float* b, const float* before, float* after, 
 }
 
 // The LSTM cell: with z = [x | h] @ W^T (4n, in g) and the bias, i, f, o = sigmoid, u = tanh of their
-// quarters; c = f c_prev + i u; h = o tanh(c). g and tc then hold what the backward needs (mogrifier_fast
+// quarters; c = f c_prev + i u; h = o tanh(c). g and tc then hold what the backward needs (fast.py
 // computes the same after its Python loop): g = [u i(1-i), c_prev f(1-f), i(1-u^2), tanh(c) o(1-o)],
 // tc = o (1 - tanh(c)^2) = d c / d h, and forget = f. Without a backward (forget null) they are left as is.
 void cell_forward(float* g, const float* bias, const float* c_prev, float* c, float* tc, float* forget, float* h,
@@ -171,7 +171,7 @@ void cell_forward(float* g, const float* bias, const float* c_prev, float* c, fl
 }
 
 // The gate backward of one step. factors holds [g i(1-i), c_prev f(1-f), i(1-g^2), tanh(c) o(1-o)]
-// (see mogrifier_fast): d_go = dh F_o; dc += dh dc_dh; d_g{i,f,g} = dc F_{i,f,g}; then dc *= forget.
+// (see fast.py): d_go = dh F_o; dc += dh dc_dh; d_g{i,f,g} = dc F_{i,f,g}; then dc *= forget.
 void gate_backward(float* dg, float* dc, const float* dh, const float* dc_dh, const float* f, const float* fg,
                    int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
@@ -384,8 +384,8 @@ void tanh_(const at::Tensor& x) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("tanh_", &tanh_, "the loops' tanh, in place (for tests)");
   mod.def("chunk_count", &chunk_count, "how many row chunks (threads) a batch of B rows is split into");
-  mod.def("forward_loop", &forward_loop, "Mogrifier LSTM forward loop over time (see mogrifier_fast.py)",
+  mod.def("forward_loop", &forward_loop, "Mogrifier LSTM forward loop over time (see fast.py)",
           py::call_guard<py::gil_scoped_release>());
-  mod.def("backward_loop", &backward_loop, "Mogrifier LSTM backward loop over time (see mogrifier_fast.py)",
+  mod.def("backward_loop", &backward_loop, "Mogrifier LSTM backward loop over time (see fast.py)",
           py::call_guard<py::gil_scoped_release>());
 }

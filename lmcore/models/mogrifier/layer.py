@@ -7,7 +7,7 @@ The cell state is not mogrified, and rounds=0 is exactly an LSTM (gate order i, 
 
 `MogrifierLSTMLayer.forward_reference` is the straightforward step-by-step version that the tests
 check the equations against; `forward` picks the fastest implementation that applies: the hand-written
-backward-through-time of `lmcore.models.mogrifier_fast` (one autograd node per sequence), unless
+backward-through-time of `lmcore.models.mogrifier.fast` (one autograd node per sequence), unless
 `MogrifierLSTMLayer.fast_path` (class-wide, or per instance) is set to False.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .mogrifier_fast import mogrifier_lstm
+from .fast import mogrifier_lstm
 
 
 class MogrifierRound(nn.Module):
@@ -101,7 +101,7 @@ class MogrifierLSTMLayer(nn.Module):
     def forward_fast(
         self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, state_mask: Tensor | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        """Same as `forward_reference`, with a hand-written backward through time (mogrifier_fast.py)."""
+        """Same as `forward_reference`, with a hand-written backward through time (fast.py)."""
         round_params = [
             (r.weight, r.bias) if r.rank is None else (r.left, r.right, r.bias) for r in self.mogrify_rounds
         ]

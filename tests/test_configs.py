@@ -1,0 +1,50 @@
+"""The shipped single-run configs (configs/*.yaml): valid, at their parameter budget, and runnable."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmcore.cli import main
+from lmcore.config import flatten, make_config
+from lmcore.models import count_parameters, solve_budget
+
+CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+VOCAB = {"ptb": 10_000, "wikitext-2": 33_278}
+
+
+def test_there_are_configs():
+    assert {p.stem for p in CONFIGS} >= {"ptb_mogrifier_paper", "wt2_mogrifier_paper", "small_transformer"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_is_valid_and_meets_its_budget(path):
+    config = make_config({}, flatten(yaml.safe_load(path.read_text())))
+    model = solve_budget(config.model, VOCAB[config.data.name])
+    budget = config.model.params_budget
+    assert abs(count_parameters(model, VOCAB[config.data.name]) - budget) < 0.01 * budget
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_trains_on_the_command_line(path, markov_corpus_dir, tmp_path):
+    """`python -m lmcore train --config configs/X.yaml`, shrunk to a tiny model and a few steps."""
+    tiny = ["model.params_budget=null", "model.hidden=16", "model.d_model=16", "model.embedding=8", "model.rank=4",
+            "data.name=text", f"data.dir={markov_corpus_dir}", "data.batch_size=4", "data.bptt=8", "train.epochs=2",
+            "train.steps_per_epoch=3", "train.device=cpu"]
+    argv = ["train", "--run-name", "x", "--runs-dir", str(tmp_path), "--config", str(path)]
+    assert main([*argv, *(a for s in tiny for a in ("--set", s))]) == 0
+    assert (tmp_path / "x" / "final.json").is_file()
+
+
+@pytest.mark.parametrize("changes", [["model.softmax_mixtures=2"], ["optim.average=ema", "optim.ema_decay=0.9"],
+                                     ["optim.average=asgd", "optim.asgd_nonmono=1"],
+                                     ["model.memory=0", "model.pos_encode=sinusoidal"]], ids=str)
+def test_documented_variations_train(changes, markov_corpus_dir, tmp_path):
+    """The measurements' variations of docs/paper_tools.md, on a tiny setting."""
+    family = "transformer" if "model.memory=0" in changes else "lstm"
+    path = CONFIGS[0].with_name(f"small_{family}.yaml")
+    tiny = ["model.params_budget=null", "model.hidden=16", "model.d_model=16", "data.name=text",
+            f"data.dir={markov_corpus_dir}", "data.batch_size=4", "data.bptt=8", "train.epochs=2",
+            "train.steps_per_epoch=3", "train.device=cpu", *changes]
+    argv = ["train", "--run-name", "x", "--runs-dir", str(tmp_path), "--config", str(path)]
+    assert main([*argv, *(a for s in tiny for a in ("--set", s))]) == 0
+    assert (tmp_path / "x" / "final.json").is_file()

@@ -1,0 +1,126 @@
+"""Dynamic evaluation (Krause et al., 2018): lmcore.dynamic, lmcore.evaluate(dynamic=...), evaluate --dynamic."""
+import random
+
+import pytest
+import torch
+
+import lmcore
+from lmcore.cli import main
+from lmcore.config import EvalConfig, make_config
+from lmcore.dynamic import DynamicEval, choose, prepare
+from lmcore.train import evaluate
+
+
+def tiny_config(corpus_dir, family, **overrides):
+    return make_config({}, {"data.name": "text", "data.dir": str(corpus_dir), "data.batch_size": 8,
+                            "data.bptt": 12, "data.eval_batch_size": 4, "model.family": family,
+                            "model.hidden": 32, "model.d_model": 32, "model.rounds": 2, "model.heads": 2, "model.layers": 1,
+                            "model.memory": 16 if family == "transformer" else 0, "model.pos_encode": "rope",
+                            "optim.lr": 1e-2, "train.epochs": 1, "train.steps_per_epoch": 60,
+                            "train.progress": False, "train.device": "cpu"} | overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(markov_corpus_dir, tmp_path_factory):
+    """{family: checkpoint path} of briefly trained tiny models."""
+    folder = tmp_path_factory.mktemp("dynamic")
+    paths = {}
+    for family in ("lstm", "transformer", "mogrifier"):
+        paths[family] = folder / f"{family}.pt"
+        lmcore.train(tiny_config(markov_corpus_dir, family),
+                     report=lambda m, save, p=paths[family]: save(p))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def corpus(markov_corpus_dir):
+    return lmcore.load_corpus("text", markov_corpus_dir)
+
+
+def settings(**changes):
+    return EvalConfig(dynamic_stat_batch_size=8, dynamic_stat_windows=20, **changes)
+
+
+@pytest.mark.parametrize("family", ["lstm", "transformer", "mogrifier"])
+@pytest.mark.parametrize("method", ["rms", "sgd"])
+def test_a_learning_rate_of_zero_is_static_evaluation_exactly(trained, corpus, family, method):
+    model, vocab, _ = lmcore.load_checkpoint(trained[family])
+    dynamic = prepare(model, corpus.train, settings(dynamic_method=method, dynamic_lr=0.0, dynamic_bptt=7,
+                                                    dynamic_batch_size=3))
+    static = evaluate(model, corpus.valid, eos_id=vocab.eos_id, batch_size=3, bptt=7)
+    adapted = evaluate(model, corpus.valid, eos_id=vocab.eos_id, dynamic=dynamic)
+    assert adapted["tokens"] == static["tokens"]
+    # The same windows, state and sums; the only difference is the forward pass running with autograd on,
+    # whose CPU kernels (fused LSTM) may round differently in the last bits.
+    assert adapted["loss"] == pytest.approx(static["loss"], rel=1e-8, abs=0)
+
+
+def repeated_block(corpus, repeats=5, length=60):
+    """Random words (not the corpus's Markov chain), the same block `repeats` times."""
+    rng = random.Random(0)
+    block = [rng.randrange(4, len(corpus.vocab)) for _ in range(length)]
+    return torch.tensor(block * repeats)
+
+
+@pytest.mark.parametrize("family", ["lstm", "transformer"])
+def test_dynamic_evaluation_learns_a_text_that_repeats(trained, corpus, family):
+    model, vocab, _ = lmcore.load_checkpoint(trained[family])
+    text = repeated_block(corpus)
+    static = evaluate(model, text, eos_id=vocab.eos_id, batch_size=1, bptt=5)
+    dynamic = prepare(model, corpus.train, settings(dynamic_lr=1e-3, dynamic_decay=1e-3))
+    adapted = evaluate(model, text, eos_id=vocab.eos_id, dynamic=dynamic)
+    assert adapted["tokens"] == static["tokens"] == 300
+    assert adapted["ppl"] < 0.5 * static["ppl"], (adapted, static)
+
+
+def test_weights_are_restored_bitwise(trained, corpus):
+    model, vocab, _ = lmcore.load_checkpoint(trained["lstm"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for method in ("rms", "sgd"):
+        dynamic = prepare(model, corpus.train, settings(dynamic_method=method, dynamic_lr=1e-2))
+        evaluate(model, corpus.valid, eos_id=vocab.eos_id, dynamic=dynamic)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+
+
+def test_rms_statistics_follow_the_training_gradients(trained, corpus):
+    model, _, _ = lmcore.load_checkpoint(trained["lstm"])
+    dynamic = prepare(model, corpus.train, settings())
+    assert set(dynamic.rms) == {name for name, _ in model.named_parameters()}
+    assert all((r >= 0).all() and r.shape == p.shape for r, (_, p) in zip(dynamic.rms.values(),
+                                                                          model.named_parameters()))
+    decay, step = dynamic.rates(dict(model.named_parameters()))
+    assert all((d <= 1).all() for d in decay.values())  # clipped at 1 / decay: never overshoots the weights
+
+
+def test_choose_searches_lr_and_decay_on_valid(trained, corpus):
+    model, vocab, _ = lmcore.load_checkpoint(trained["lstm"])
+    dynamic = prepare(model, corpus.train, settings(dynamic_lr=1e-4, dynamic_decay=1e-3, dynamic_batch_size=4))
+    best, valid = choose(model, corpus.valid, dynamic, eos_id=vocab.eos_id, factors=(1.0, 10.0))
+    assert best.settings.dynamic_lr in (1e-4, 1e-3) and best.settings.dynamic_decay in (1e-3, 1e-2)
+    again = evaluate(model, corpus.valid, eos_id=vocab.eos_id, dynamic=best)
+    assert again == valid
+    for lr in (1e-4, 1e-3):
+        other = DynamicEval(best.settings.model_copy(update={"dynamic_lr": lr}), dynamic.rms)
+        assert evaluate(model, corpus.valid, eos_id=vocab.eos_id, dynamic=other)["loss"] >= valid["loss"]
+
+
+def test_evaluate_dynamic_on_the_command_line(trained, markov_corpus_dir, tmp_path, capsys):
+    """The documented `python -m lmcore evaluate --run-name X --dynamic [--set eval....]`, on a tiny run."""
+    runs = tmp_path / "runs"
+    (runs / "tiny").mkdir(parents=True)
+    (runs / "tiny" / "best.pt").write_bytes(trained["lstm"].read_bytes())
+    before = (runs / "tiny" / "best.pt").read_bytes()
+    common = ["evaluate", "--run-name", "tiny", "--runs-dir", str(runs), "--data-dir", str(markov_corpus_dir)]
+    quick = [f"eval.dynamic_{k}" for k in ("stat_windows=10", "stat_batch_size=8", "batch_size=4", "bptt=10")]
+    assert main([*common, "--dynamic", *(a for q in quick for a in ("--set", q))]) == 0
+    out = capsys.readouterr().out
+    assert "dynamic evaluation: rms, lr 5e-05, decay 0.002, bptt 10, batch size 4" in out and "test" in out
+    assert main([*common, "--dynamic-search", *(a for q in quick for a in ("--set", q))]) == 0
+    assert "dynamic_test_ppl" in capsys.readouterr().out
+    assert (runs / "tiny" / "best.pt").read_bytes() == before  # evaluation never changes the checkpoint
+    assert main([*common, "--dynamic", "--set", "optim.lr=1"]) == 2
+    assert "only eval.* settings" in capsys.readouterr().err
+    assert main([*common, "--dynamic", "--set", "eval.dynamic_lr=-1"]) == 2
+    assert "eval.dynamic_lr" in capsys.readouterr().err

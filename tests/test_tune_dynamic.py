@@ -1,0 +1,32 @@
+"""Through `tune.py`: a study seeded with `start_from`, reported with `report.dynamic` (dynamic_test_ppl)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from conftest import write_tiny_experiment
+
+REPO = Path(__file__).resolve().parent.parent
+START = {"model.family": "lstm", "optim.lr": 5e-3}
+
+
+def test_seeded_study_with_a_dynamic_evaluation_column(tmp_path, markov_corpus_dir):
+    path = write_tiny_experiment(
+        tmp_path / "seeded.yaml", markov_corpus_dir, tmp_path / "results", trials=2,
+        scheduler={"type": "fifo", "max_epochs": 1}, start_from=[START], report={"top_k": 2, "dynamic": True},
+        fixed={"eval.dynamic_stat_windows": 5, "eval.dynamic_stat_batch_size": 8, "eval.dynamic_batch_size": 4,
+               "eval.dynamic_bptt": 8})
+    run = subprocess.run([sys.executable, str(REPO / "tune.py"), str(path), "--num-cpus", "2", "--no-dashboard"],
+                         cwd=REPO, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    folder = tmp_path / "results" / "seeded"
+    trials = pd.read_csv(folder / "trials.csv")
+    assert ((trials["family"] == "lstm") & (trials["optim.lr"] == START["optim.lr"])).any()
+    families = pd.read_csv(folder / "best_per_family.csv")
+    assert "dynamic_test_ppl" in families and families["dynamic_test_ppl"].between(1, 100).all()
+    cached = json.loads((folder / "final_eval.json").read_text())
+    assert all({"dynamic_valid_ppl", "dynamic_lr", "dynamic_decay"} <= set(e) for e in cached.values())
