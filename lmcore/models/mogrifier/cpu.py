@@ -12,11 +12,12 @@ Python loops (same results, 1.3-1.6x slower at n=256). It cannot be used when:
 The first use compiles with `torch.utils.cpp_extension.load` (~45 s on 2 cores) into torch's extensions
 directory (~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR); later processes only load the library
 (~0.1 s). torch serialises concurrent builds with a lock file there, so Ray trials starting together
-compile once. `./dev setup` builds it ahead of time. The name carries the torch version: a different
-torch builds its own copy.
+compile once. `./dev setup` builds it ahead of time. The name carries the torch version and a hash of this
+checkout's path: a different torch, or another checkout, builds its own copy.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import sys
@@ -29,7 +30,10 @@ import torch
 enabled: bool = os.environ.get("LMCORE_MOGRIFIER_CPP", "1") not in ("0", "false", "False", "")
 
 _SOURCE = Path(__file__).with_name("cpu.cpp")
-_NAME = "lmcore_mogrifier_cpu_torch" + torch.__version__.split("+")[0].replace(".", "_")
+# The build folder is named after the torch version and this checkout: torch's build file records the source's
+# path, so two checkouts sharing one folder would rebuild (~45 s) each time the other had loaded it.
+_NAME = (f"lmcore_mogrifier_cpu_torch{torch.__version__.split('+')[0].replace('.', '_')}_"
+         f"{hashlib.sha1(str(_SOURCE.resolve()).encode()).hexdigest()[:8]}")
 _lock = threading.Lock()
 _module = None
 _failed = False
