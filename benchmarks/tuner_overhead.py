@@ -125,8 +125,8 @@ def print_figures(trials: list[list[dict]], wall: float, started: float, cpus: i
     rows = [
         ("trials", f"{len(trials)}, {EPOCHS} epochs each, target {target:.0f} s of training each"),
         ("wall time", f"{wall:.1f} s"),
-        ("training time / (wall x CPUs)", f"{training:.1f} s / ({wall:.1f} s x {cpus}) = "
-                                          f"{training / (wall * cpus):.1%}"),
+        ("training time / (wall x CPUs)",
+         f"{training:.1f} s / ({wall:.1f} s x {cpus}) = {training / (wall * cpus):.1%}"),
         ("mean training per trial", f"{training / len(trials):.1f} s"),
         ("before the first trial starts", f"{before:.1f} s (Ray start, corpus, searcher, first trial process)"),
         ("after the last trial ends", f"{after:.1f} s (final evaluation, tables, Ray shutdown)"),

@@ -62,7 +62,7 @@ class Cluster:
                 if int(s) in sids and stat[0] != "Z"}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
     folder = Path(tempfile.mkdtemp(prefix="lmc-", dir="/tmp"))  # short: Ray's socket paths are limited
     cluster = Cluster(folder)
@@ -89,6 +89,17 @@ def wait_for(what: str, condition, driver: subprocess.Popen, log: Path):
             return
         time.sleep(0.5)
     pytest.fail(f"{what}: not seen (driver exit code {driver.poll()}); the driver said:\n{log.read_text()[-6000:]}")
+
+
+def test_a_driver_without_the_token_is_refused_with_a_clear_message(cluster, tmp_path, markov_corpus_dir):
+    path = write_tiny_experiment(tmp_path / "refused.yaml", markov_corpus_dir, tmp_path / "shared")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_AUTH")}
+    run = subprocess.run([sys.executable, str(REPO / "tune.py"), str(path), "--address",
+                          cluster.settings()["RAY_ADDRESS"]], cwd=REPO, capture_output=True, text=True,
+                         timeout=LIMIT_S, env={**env, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "refused this driver's auth token" in run.stderr and "RAY_AUTH_TOKEN_PATH" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_a_study_on_two_nodes_survives_losing_one(cluster, tmp_path, markov_corpus_dir):
