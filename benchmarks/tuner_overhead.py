@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from lmtune.results import ray_folder
+
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS, TRIALS = 4, 16
 FIXED = {"model.family": "lstm", "model.hidden": 64, "model.embedding": 64, "model.layers": 1,
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         experiment = folder / "results" / "overhead"
         trials = [[json.loads(line) for line in f.read_text().splitlines()]
-                  for f in experiment.glob("trial_*/result.json")]
+                  for f in ray_folder(experiment).glob("trial_*/result.json")]
         print_figures(trials, wall, started, args.cpus, train_seconds)
         print_phases(experiment, trials, started, started + wall)
     print(f"# load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -142,13 +144,14 @@ def print_phases(folder: Path, trials: list[list[dict]], started: float, ended: 
     def written(name: str) -> float:
         return (folder / name).stat().st_mtime
 
+    marker = (ray_folder(folder) / ".validate_storage_marker").stat().st_mtime  # Tune has started
     first = min(t[0]["started_at"] for t in trials)
     last = max(t[-1]["reported_at"] for t in trials)
     marks = [
         ("launch -> experiment.yaml", started, written("experiment.yaml"), "Python, imports, validation, corpus"),
-        ("-> Tune's storage marker", written("experiment.yaml"), written(".validate_storage_marker"),
+        ("-> Tune's storage marker", written("experiment.yaml"), marker,
          "Ray start, corpus warm-up, searcher"),
-        ("-> first trial starts", written(".validate_storage_marker"), first, "trial process start, imports"),
+        ("-> first trial starts", marker, first, "trial process start, imports"),
         ("last trial ends -> final_eval.json", last, written("final_eval.json"),
          "Tune's end, Ray shutdown, results, test evaluation"),
         ("-> summary.md", written("final_eval.json"), written("summary.md"), "tables"),

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import LSTM_ONLY, write_tiny_experiment
+from lmtune.results import ray_folder
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "local_cluster.sh"
@@ -79,7 +80,7 @@ def cluster():
 def trial_results(folder: Path) -> dict[str, list[dict]]:
     """Every trial's reports (result.json), by trial folder name."""
     return {f.parent.name: [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-            for f in folder.glob("trial_*/result.json")}
+            for f in ray_folder(folder).glob("trial_*/result.json")}
 
 
 def wait_for(what: str, condition, driver: subprocess.Popen, log: Path):
@@ -155,7 +156,7 @@ def test_a_study_on_two_nodes_survives_losing_one(cluster, tmp_path, markov_corp
             last_on_worker = max(e for e, n in zip(epochs, where) if n == nodes["worker"])
             assert 1 < first_on_head <= last_on_worker + 1, f"{name} resumed from its checkpoint: {epochs} {where}"
         # Every trial's checkpoints are in the shared storage.
-        assert list((folder / name).glob("checkpoint_*/model.pt")), name
+        assert list((ray_folder(folder) / name).glob("checkpoint_*/model.pt")), name
     assert moved >= 1, "the worker's running trial was retried on the head"
     assert all(r["node_id"] == nodes["head"] for rs in results.values() for r in rs
                if r["timestamp"] > max(r["timestamp"] for rs in results.values() for r in rs
