@@ -11,8 +11,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"
 
+versions='import torch as t; print("torch", t.__version__, "CUDA", t.version.cuda, "cuDNN", t.backends.cudnn.version())'
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "gpu_check: no CUDA device here ($("$PYTHON" -c 'import torch; print("torch", torch.__version__, "CUDA build", torch.version.cuda)')):"
+    echo "gpu_check: no CUDA device here ($("$PYTHON" -c "$versions")):"
     echo "  nothing GPU-specific to check; the CPU tests are ./dev test, the CPU benchmark ./dev bench."
     exit 0
 fi
@@ -28,7 +29,7 @@ section() { printf '\n## %s\n\n' "$1" >> "$REPORT"; echo "== $1 (log: $OUT/$2)";
     echo
     echo '```'
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "(no nvidia-smi)"
-    "$PYTHON" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version())'
+    "$PYTHON" -c "$versions"
     echo '```'
 } > "$REPORT"
 
@@ -38,9 +39,9 @@ tail -n 1 "$OUT/tests.log" >> "$REPORT"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" >> "$REPORT"
 
 for amp in "" "--amp"; do
-    section "Mogrifier layer on CUDA ${amp:-float32} (python benchmarks/mogrifier_speed.py --device cuda --budget 5 $amp)" \
-        "bench${amp}.log"
-    "$PYTHON" benchmarks/mogrifier_speed.py --device cuda --budget 5 $amp > "$OUT/bench${amp}.log" 2>&1 || status=1
+    bench=(benchmarks/mogrifier_speed.py --device cuda --budget 5 $amp)
+    section "Mogrifier layer on CUDA ${amp:-float32} (python ${bench[*]})" "bench${amp}.log"
+    "$PYTHON" "${bench[@]}" > "$OUT/bench${amp}.log" 2>&1 || status=1
     grep -E '^(\||# (torch|target))' "$OUT/bench${amp}.log" >> "$REPORT"
 done
 

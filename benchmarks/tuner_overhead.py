@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from lmtune.results import ray_folder
+
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS, TRIALS = 4, 16
 FIXED = {"model.family": "lstm", "model.hidden": 64, "model.embedding": 64, "model.layers": 1,
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         experiment = folder / "results" / "overhead"
         trials = [[json.loads(line) for line in f.read_text().splitlines()]
-                  for f in experiment.glob("trial_*/result.json")]
+                  for f in ray_folder(experiment).glob("trial_*/result.json")]
         print_figures(trials, wall, started, args.cpus, train_seconds)
         print_phases(experiment, trials, started, started + wall)
     print(f"# load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -125,8 +127,8 @@ def print_figures(trials: list[list[dict]], wall: float, started: float, cpus: i
     rows = [
         ("trials", f"{len(trials)}, {EPOCHS} epochs each, target {target:.0f} s of training each"),
         ("wall time", f"{wall:.1f} s"),
-        ("training time / (wall x CPUs)", f"{training:.1f} s / ({wall:.1f} s x {cpus}) = "
-                                          f"{training / (wall * cpus):.1%}"),
+        ("training time / (wall x CPUs)",
+         f"{training:.1f} s / ({wall:.1f} s x {cpus}) = {training / (wall * cpus):.1%}"),
         ("mean training per trial", f"{training / len(trials):.1f} s"),
         ("before the first trial starts", f"{before:.1f} s (Ray start, corpus, searcher, first trial process)"),
         ("after the last trial ends", f"{after:.1f} s (final evaluation, tables, Ray shutdown)"),
@@ -142,13 +144,14 @@ def print_phases(folder: Path, trials: list[list[dict]], started: float, ended: 
     def written(name: str) -> float:
         return (folder / name).stat().st_mtime
 
+    marker = (ray_folder(folder) / ".validate_storage_marker").stat().st_mtime  # Tune has started
     first = min(t[0]["started_at"] for t in trials)
     last = max(t[-1]["reported_at"] for t in trials)
     marks = [
         ("launch -> experiment.yaml", started, written("experiment.yaml"), "Python, imports, validation, corpus"),
-        ("-> Tune's storage marker", written("experiment.yaml"), written(".validate_storage_marker"),
+        ("-> Tune's storage marker", written("experiment.yaml"), marker,
          "Ray start, corpus warm-up, searcher"),
-        ("-> first trial starts", written(".validate_storage_marker"), first, "trial process start, imports"),
+        ("-> first trial starts", marker, first, "trial process start, imports"),
         ("last trial ends -> final_eval.json", last, written("final_eval.json"),
          "Tune's end, Ray shutdown, results, test evaluation"),
         ("-> summary.md", written("final_eval.json"), written("summary.md"), "tables"),

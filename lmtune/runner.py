@@ -156,7 +156,8 @@ def connect_ray(address: str) -> None:
     except ConnectionError as err:
         cause, refused = err, False
         while cause is not None and not refused:
-            refused = isinstance(cause, AuthenticationError)
+            # An AuthenticationError, or (a token of the wrong cluster) its traceback inside a RuntimeError.
+            refused = isinstance(cause, AuthenticationError) or "InvalidAuthToken" in str(cause)
             cause = cause.__cause__ or cause.__context__
         if not refused:
             raise ExperimentError(f"--address {address}: cannot connect to a Ray cluster there ({err})") from None

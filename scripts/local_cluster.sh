@@ -52,7 +52,8 @@ start_node() {  # start_node NAME RAY-START-ARGS...: one node with its own temp 
     mkdir -p "$DIR/$name"
     # A session of its own: every process Ray starts for this node stays in it, found by its id.
     # Its own corpus cache, as on a machine of its own (set LMCORE_DATA_DIR so that it finds the data).
-    LMCORE_CACHE_DIR="$DIR/$name/cache" setsid bash -c 'echo $$ > "$0"; exec "$@"' "$DIR/$name.sid" "${RAY[@]}" start "$@" \
+    LMCORE_CACHE_DIR="$DIR/$name/cache" \
+    setsid bash -c 'echo $$ > "$0"; exec "$@"' "$DIR/$name.sid" "${RAY[@]}" start "$@" \
         --num-cpus "${CLUSTER_CPUS:-1}" --num-gpus "${CLUSTER_GPUS:-0}" \
         --node-ip-address 127.0.0.1 --temp-dir "$DIR/$name" --disable-usage-stats \
         --node-manager-port "${ports[0]}" --object-manager-port "${ports[1]}" \

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from conftest import LSTM_ONLY, write_tiny_experiment
+from lmtune.results import ray_folder
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "local_cluster.sh"
@@ -62,7 +63,7 @@ class Cluster:
                 if int(s) in sids and stat[0] != "Z"}
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
     folder = Path(tempfile.mkdtemp(prefix="lmc-", dir="/tmp"))  # short: Ray's socket paths are limited
     cluster = Cluster(folder)
@@ -79,7 +80,7 @@ def cluster():
 def trial_results(folder: Path) -> dict[str, list[dict]]:
     """Every trial's reports (result.json), by trial folder name."""
     return {f.parent.name: [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
-            for f in folder.glob("trial_*/result.json")}
+            for f in ray_folder(folder).glob("trial_*/result.json")}
 
 
 def wait_for(what: str, condition, driver: subprocess.Popen, log: Path):
@@ -89,6 +90,17 @@ def wait_for(what: str, condition, driver: subprocess.Popen, log: Path):
             return
         time.sleep(0.5)
     pytest.fail(f"{what}: not seen (driver exit code {driver.poll()}); the driver said:\n{log.read_text()[-6000:]}")
+
+
+def test_a_driver_without_the_token_is_refused_with_a_clear_message(cluster, tmp_path, markov_corpus_dir):
+    path = write_tiny_experiment(tmp_path / "refused.yaml", markov_corpus_dir, tmp_path / "shared")
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_AUTH")}
+    run = subprocess.run([sys.executable, str(REPO / "tune.py"), str(path), "--address",
+                          cluster.settings()["RAY_ADDRESS"]], cwd=REPO, capture_output=True, text=True,
+                         timeout=LIMIT_S, env={**env, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "refused this driver's auth token" in run.stderr and "RAY_AUTH_TOKEN_PATH" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_a_study_on_two_nodes_survives_losing_one(cluster, tmp_path, markov_corpus_dir):
@@ -144,7 +156,7 @@ def test_a_study_on_two_nodes_survives_losing_one(cluster, tmp_path, markov_corp
             last_on_worker = max(e for e, n in zip(epochs, where) if n == nodes["worker"])
             assert 1 < first_on_head <= last_on_worker + 1, f"{name} resumed from its checkpoint: {epochs} {where}"
         # Every trial's checkpoints are in the shared storage.
-        assert list((folder / name).glob("checkpoint_*/model.pt")), name
+        assert list((ray_folder(folder) / name).glob("checkpoint_*/model.pt")), name
     assert moved >= 1, "the worker's running trial was retried on the head"
     assert all(r["node_id"] == nodes["head"] for rs in results.values() for r in rs
                if r["timestamp"] > max(r["timestamp"] for rs in results.values() for r in rs

@@ -78,6 +78,19 @@ HOW: dict[str, Run | Skip] = {
                      .replace("model.hidden=256", "model.hidden=32")
                      .replace("train.steps_per_epoch=80", "train.steps_per_epoch=3 --test-batch-size 200"),)),
     "python -m pytest -q tests/test_mogrifier.py": Skip("part of this test suite"),
+    # The cluster (docs/tuning.md): real machines, or the local cluster that tests/test_cluster.py starts.
+    "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/shared/ray_token": Skip("sets the cluster's environment"),
+    "python -c 'import secrets; print(secrets.token_hex(32))' > /shared/ray_token; chmod 600 /shared/ray_token":
+        Skip("writes the cluster's token on a shared filesystem"),
+    "ray start --head --port 6379 --num-cpus 8 --num-gpus 2": Skip("tests/test_cluster.py runs the same through scripts/local_cluster.sh"),
+    "ray start --address HEAD_IP:6379 --num-cpus 8 --num-gpus 2": Skip("tests/test_cluster.py runs the same through scripts/local_cluster.sh"),
+    "python tune.py experiments/ptb_mogrify.yaml --address HEAD_IP:6379": Skip("tests/test_cluster.py runs the same through scripts/local_cluster.sh"),
+    "scripts/local_cluster.sh start": Skip("tests/test_cluster.py"),
+    "source /tmp/lmcore-cluster-$USER/cluster.env": Skip("tests/test_cluster.py reads cluster.env"),
+    'python tune.py experiments/quickstart.yaml --address "$RAY_ADDRESS"': Skip("tests/test_cluster.py (tiny)"),
+    "scripts/local_cluster.sh stop": Skip("tests/test_cluster.py"),
+    "python benchmarks/tuner_overhead.py --cpus 2": Skip("a 10-minute benchmark; its --quick form is the same code"),
+    "python benchmarks/tuner_overhead.py --quick --cpus 2": Skip("minutes: run by hand for docs/benchmarks.md"),
 }
 
 

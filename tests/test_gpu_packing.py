@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import LSTM_ONLY, write_tiny_experiment
+from lmtune.results import ray_folder
 from lmtune.trainable import DEVICE_OVERRIDE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def test_half_gpu_trials_pack_two_per_gpu(tmp_path, markov_corpus_dir):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
     reports = [[json.loads(line) for line in f.read_text().splitlines()]
-               for f in (tmp_path / "results" / "packed").glob("trial_*/result.json")]
+               for f in ray_folder(tmp_path / "results" / "packed").glob("trial_*/result.json")]
     assert len(reports) == 4 and all(len(r) == 3 for r in reports)
     assert all(r["device"] == "cuda" for trial in reports for r in trial), "each trial selects cuda"
     gpus = [{r["cuda_visible_devices"] for r in trial} for trial in reports]

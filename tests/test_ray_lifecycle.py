@@ -73,7 +73,7 @@ def test_a_sigkilled_driver_leaves_no_ray_process(tmp_path, markov_corpus_dir):
     ray_pids: set[int] = set()
     try:
         folder = tmp_path / "results" / "killed"
-        wait_for("a trial's first epoch", lambda: any(p.stat().st_size for p in folder.glob("*/result.json")), log)
+        wait_for("a trial's first epoch", lambda: any(p.stat().st_size for p in folder.rglob("trial_*/result.json")), log)
         said = log.read_text()
         assert f"port {port} on 127.0.0.1 is busy" in said and "Ray dashboard: http://127.0.0.1:" in said
         assert f"127.0.0.1:{port}" not in said.split("Ray dashboard: http://")[1].split()[0]
