@@ -54,7 +54,7 @@ def best_vs_cost(results: Results | list[Results]) -> Figure:
     fig = Figure(figsize=(12, 4.5), layout="constrained")
     by_params, by_time = fig.subplots(1, 2, sharey=True)
     for run, prefix in _labelled(results):
-        trials = run.trials[run.trials["best_valid_ppl"].map(finite)]
+        trials = run.trials.loc[run.trials["best_valid_ppl"].map(finite).astype(bool)]
         colors = _family_colors(run)
         for (family, how), group in trials.groupby(["family", "status"], sort=False):
             style = {"marker": MARKERS.get(how, "o"), "color": colors[family], "label": f"{prefix}{family}"
@@ -69,7 +69,7 @@ def best_vs_cost(results: Results | list[Results]) -> Figure:
 
 def param_effects(results: Results) -> Figure:
     """One panel per searched setting: best valid perplexity against its value (scatter, or boxes for choices)."""
-    trials = results.trials[results.trials["best_valid_ppl"].map(finite)]
+    trials = results.trials.loc[results.trials["best_valid_ppl"].map(finite).astype(bool)]
     names = ["family", *results.searched()]
     cols = min(3, len(names))
     fig = Figure(figsize=(4.5 * cols, 3.6 * math.ceil(len(names) / cols)), layout="constrained")
@@ -85,7 +85,7 @@ def param_effects(results: Results) -> Figure:
             shown = present[name]
             if name.endswith(".lr") or ((shown > 0).all() and shown.max() > 100 * shown.min()):
                 ax.set_xscale("log")  # rates and the like: searched on a log scale
-        else:  # a choice: one box per value
+        elif len(present):  # a choice: one box per value
             groups = present.groupby(present[name].astype(str), sort=True)["best_valid_ppl"]
             ax.boxplot([g.to_numpy() for _, g in groups], tick_labels=[k for k, _ in groups])
         ax.set(title=name, xlabel=name, ylabel=PPL)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,8 @@ def _cell(column: str, value) -> str:
         return ""
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value)).lower()
+    if column.endswith("_at") and isinstance(value, numbers.Real):  # unix times: when a trial started, finished
+        return datetime.fromtimestamp(float(value), UTC).strftime("%Y-%m-%d %H:%M:%S")
     if column == "params" and isinstance(value, numbers.Real):
         return f"{float(value) / 1e6:.2f}M" if value >= 1e6 else f"{float(value) / 1e3:.1f}k"
     if isinstance(value, numbers.Integral):

@@ -3,12 +3,13 @@
 import shutil
 
 import optuna
+import pandas as pd
 import pytest
 from matplotlib.figure import Figure
 
 from lmtune import load_results, plots
 from lmtune.cli import main
-from lmtune.results import Results, ray_folder
+from lmtune.results import HISTORY_COLUMNS, Results, _columns, ray_folder
 from lmtune.schema import ExperimentSpec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -114,3 +115,11 @@ def test_ray_files_may_live_in_a_ray_subfolder(reported_experiment, tmp_path):
     moved = load_results(folder)
     assert moved.trials["trial_id"].tolist() == load_results(reported_experiment).trials["trial_id"].tolist()
     assert moved.best_checkpoint(moved.top(1)["trial_id"].iloc[0]).is_relative_to(folder / "ray")
+
+
+def test_an_experiment_without_results_yet_still_draws(tmp_path, capsys):
+    """`tune.py report` on a run interrupted before any trial reported: empty figures, no exception."""
+    empty = Results(tmp_path, pd.DataFrame(columns=_columns([])), pd.DataFrame(columns=["trial_id", *HISTORY_COLUMNS]))
+    assert repr(empty) == f"Results('{tmp_path}': 0 trials (none))"
+    for draw in (*plots.FIGURES.values(), plots.best_vs_cost):
+        assert isinstance(draw(empty), Figure)

@@ -32,6 +32,7 @@ def test_markdown_formats_numbers_for_reading():
     assert lines[2] == "| mogrifier | 24.01M | 55.12 | 12,346 | 0.001234 |  | false |"
     assert lines[3] == "| lstm | 2.9k | inf |  | 0.003 | 32 | true |"
     assert markdown(frame.iloc[:0]) == "(no trials)"
+    assert markdown(pd.DataFrame({"started_at": [1795953856.7]})).endswith("| 2026-11-29 12:04:16 |")  # UTC
 
 
 def test_ray_folder_prefers_the_ray_subfolder(tmp_path):
