@@ -101,20 +101,19 @@ def test_compare_writes_a_figure(reported_experiment, tmp_path):
     assert (tmp_path / "table.md").read_text().startswith("| experiment |")
 
 
-def test_ray_files_may_live_in_a_ray_subfolder(reported_experiment, tmp_path):
-    """The agreed layout: Ray's state and trial folders in NAME/ray/; older folders keep them at the top."""
-    assert ray_folder(reported_experiment) == reported_experiment
-    folder = tmp_path / "tiny"
-    shutil.copytree(reported_experiment, folder)
-    (folder / "ray").mkdir()
-    for path in folder.iterdir():
-        if path.name.startswith(("experiment_state-", "search_gen_state-", "searcher-state-", "trial_", "tuner.pkl",
-                                 "basic-variant-state")):
-            path.rename(folder / "ray" / path.name)
-    assert ray_folder(folder) == folder / "ray"
-    moved = load_results(folder)
+def test_ray_files_live_in_a_ray_subfolder_and_older_folders_still_load(reported_experiment, tmp_path):
+    """The layout: Ray's state and trial folders in NAME/ray/; folders written before it keep them at the top."""
+    assert ray_folder(reported_experiment) == reported_experiment / "ray"
+    assert not any(p.name.startswith("trial_") for p in reported_experiment.iterdir())
+    older = tmp_path / "tiny"
+    shutil.copytree(reported_experiment, older)
+    for path in (older / "ray").iterdir():
+        path.rename(older / path.name)
+    (older / "ray").rmdir()
+    assert ray_folder(older) == older
+    moved = load_results(older)
     assert moved.trials["trial_id"].tolist() == load_results(reported_experiment).trials["trial_id"].tolist()
-    assert moved.best_checkpoint(moved.top(1)["trial_id"].iloc[0]).is_relative_to(folder / "ray")
+    assert moved.best_checkpoint(moved.top(1)["trial_id"].iloc[0]).is_relative_to(older)
 
 
 def test_an_experiment_without_results_yet_still_draws(tmp_path, capsys):
