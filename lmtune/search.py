@@ -76,6 +76,11 @@ def set_trials(tuner, trials: int) -> None:
 
 def make_searcher(exp: Experiment, folder: Path, max_concurrent: int) -> StudyTrials:
     """Optuna's study in `folder`, asked for at most `max_concurrent` trials at once, `exp.spec.trials` in all."""
+    return StudyTrials(ConcurrencyLimiter(make_study(exp, folder), max_concurrent=max_concurrent), exp.spec.trials)
+
+
+def make_study(exp: Experiment, folder: Path) -> StudySearch:
+    """The searcher itself: Optuna's sampler over the experiment's space, its study in SQLite in `folder`."""
     s = exp.spec.searcher
     if s.sampler == "tpe":
         with warnings.catch_warnings():
@@ -88,7 +93,7 @@ def make_searcher(exp: Experiment, folder: Path, max_concurrent: int) -> StudyTr
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
     storage = optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}")
     # OptunaSearch has no pruner: ASHA does the early stopping. metric/mode go here as well as to Tune.
-    searcher = StudySearch(
+    return StudySearch(
         space=exp.space,
         metric=exp.spec.metric,
         mode=exp.spec.mode,
@@ -97,7 +102,6 @@ def make_searcher(exp: Experiment, folder: Path, max_concurrent: int) -> StudyTr
         storage=storage,
         points_to_evaluate=exp.start_points or None,  # start_from: enqueued as the study's first trials
     )
-    return StudyTrials(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent), exp.spec.trials)
 
 
 def make_scheduler(exp: Experiment) -> TrialScheduler:

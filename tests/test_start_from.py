@@ -2,7 +2,7 @@
 import pytest
 
 from lmtune.schema import ExperimentError, load_experiment
-from lmtune.search import make_searcher
+from lmtune.search import make_study
 
 PAPER = {"model.family": "mogrifier", "model.rounds": 3, "optim.lr": 2e-3}
 
@@ -10,7 +10,7 @@ PAPER = {"model.family": "mogrifier", "model.rounds": 3, "optim.lr": 2e-3}
 def test_start_points_are_the_first_suggestions(tiny_experiment, tmp_path):
     exp = load_experiment(tiny_experiment(start_from=[PAPER, {"model.family": "lstm"}]))
     assert exp.start_points == [PAPER, {"model.family": "lstm"}]
-    searcher = make_searcher(exp, tmp_path)
+    searcher = make_study(exp, tmp_path)
     first, second = searcher.suggest("a"), searcher.suggest("b")
     assert {k: first[k] for k in PAPER} == PAPER
     assert second["model.family"] == "lstm" and 1e-3 <= second["optim.lr"] <= 1e-2  # the rest is sampled
