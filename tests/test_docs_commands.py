@@ -21,7 +21,7 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 @dataclass(frozen=True)
 class Run:
-    steps: tuple[str, ...]  # commands run in order ({tmp}: a folder of this module, {tiny}: a finished experiment)
+    steps: tuple[str, ...]  # commands run in order ({tmp}, {tiny}, {markov}: see `places`)
     gpu: bool = False  # run only where CUDA is available
 
 
@@ -52,11 +52,12 @@ BENCH_LOOP = ("for cpp in 1 0; do LMCORE_MOGRIFIER_CPP=$cpp python -m lmcore tra
 # configs/small_*.yaml and the paper's config, a few steps on PTB; their eval.* shrunk for `evaluate --dynamic`
 SMALL = ("--model.params_budget 200000 --train.epochs 1 --train.steps_per_epoch 3 --data.eval_batch_size 200 "
          "--test-batch-size 200 --runs-dir {tmp}/runs")
-TINY_DYNAMIC = "--eval.dynamic_batch_size 100 --eval.dynamic_bptt 35 --eval.dynamic_stat_windows 2"
+# Dynamic evaluation scores valid several times, a step per window: on PTB minutes, so those runs train on {markov}.
+ON_MARKOV = "--data.name text --data.dir {markov} --model.params_budget 20000 --data.eval_batch_size 8 --test-batch-size 8"
 SMALL_LOOP = ("for f in mogrifier lstm transformer; do python -m lmcore train --run-name small_$f --config "
               "configs/small_$f.yaml; python -m lmcore evaluate --run-name small_$f --dynamic-search; done")
 SMALL_LOOP_TINY = (SMALL_LOOP.replace("mogrifier lstm transformer", "mogrifier")  # the others: their own lines
-                   .replace(".yaml;", f".yaml {SMALL} {TINY_DYNAMIC};").replace("search;", "search --runs-dir {tmp}/runs;"))
+                   .replace(".yaml;", f".yaml {SMALL} {ON_MARKOV};").replace("search;", "search --runs-dir {tmp}/runs;"))
 PAPER_TRAIN = "python -m lmcore train --run-name ptb_paper --config configs/ptb_mogrifier_paper.yaml"
 LSTM_REF = ("python -m lmcore train --run-name ptb_lstm_ref --dataset ptb --model.family lstm --model.layers 2 "
             "--model.hidden 200 --model.tie_weights true --model.dropout.input 0.2 --model.dropout.inter 0.2 "
@@ -123,8 +124,8 @@ HOW: dict[str, Run | Skip] = {
         Run(("python tune.py export-best {tiny} --out {tmp}/best.yaml",
              "python -m lmcore train --run-name best --config {tmp}/best.yaml --runs-dir {tmp}/runs")),
     "python -m lmcore evaluate --run-name mog --dynamic-search":
-        Run((f"{README_TRAIN} {TINY_TRAIN}", "python -m lmcore evaluate --run-name mog --dynamic-search --runs-dir "
-             "{tmp}/runs --set eval.dynamic_batch_size=100 --set eval.dynamic_bptt=35 --set eval.dynamic_stat_windows=2")),
+        Run((f"{README_TRAIN} {TINY_TRAIN} {ON_MARKOV} --runs-dir {{tmp}}/markov",
+             "python -m lmcore evaluate --run-name mog --dynamic-search --runs-dir {tmp}/markov")),
     PAPER_TRAIN: plus(PAPER_TRAIN, f"{SMALL} --model.rank 8 --model.params_budget 300000"),
     # docs/paper_tools.md
     "python -m lmcore train --run-name small_transformer --config configs/small_transformer.yaml":
@@ -211,7 +212,8 @@ def test_every_documented_command_is_in_the_table():
 
 @pytest.fixture(scope="module")
 def places(tmp_path_factory, markov_corpus_dir, ray_session) -> dict[str, str]:
-    """{tmp}: a folder for this module; {tiny}: the folder of a finished tiny experiment (2 trials, 1 epoch)."""
+    """{tmp}: a folder for this module; {tiny}: the folder of a finished tiny experiment (2 trials, 1 epoch);
+    {markov}: the tiny corpus it was trained on (a "text" data.dir)."""
     from conftest import write_tiny_experiment
     from lmtune import load_experiment, run_experiment
 
@@ -220,7 +222,7 @@ def places(tmp_path_factory, markov_corpus_dir, ray_session) -> dict[str, str]:
                                  scheduler={"type": "fifo", "max_epochs": 1})
     exp = load_experiment(path)
     assert run_experiment(exp) is True
-    return {"tmp": str(tmp), "tiny": str(exp.folder)}
+    return {"tmp": str(tmp), "tiny": str(exp.folder), "markov": str(markov_corpus_dir)}
 
 
 DONE: dict[str, None] = {}  # steps already run in this module (a training that an evaluation needs, once)
@@ -237,7 +239,8 @@ def test_documented_command_runs(command, places, request, monkeypatch, capsys, 
     if any("-m lmcore" in step for step in how.steps):  # trains on the real data (skipped without it)
         monkeypatch.setenv("LMCORE_DATA_DIR", str(request.getfixturevalue("data_root")))
     for step in how.steps:
-        step = step.replace("{tmp}", places["tmp"]).replace("{tiny}", places["tiny"])  # not format: ${x}
+        for name, path in places.items():  # not str.format: the shell's ${x}
+            step = step.replace(f"{{{name}}}", path)
         if step in DONE:
             continue
         run_step(step, tmp_path, capsys)
