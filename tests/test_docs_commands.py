@@ -165,7 +165,7 @@ HOW: dict[str, Run | Skip] = {
         Run(("python tune.py export-best {tiny} --out {tmp}/ptb_transformer_best.yaml",
              "python -m lmcore train --run-name ptb_transformer_best --config {tmp}/ptb_transformer_best.yaml "
              "--runs-dir {tmp}/runs")),
-    STUDY_LOOP: check(STUDY_LOOP),
+    STUDY_LOOP: check(STUDY_LOOP.replace(" --no-dashboard", "")),  # check takes no Ray options
     "python tune.py compare results/ptb_2m65_mogrify results/ptb_2m65_lstm results/ptb_2m65_transformer --out "
     "docs/results/ptb_2m65": Run(("python tune.py compare {tiny} {tiny} {tiny} --out {tmp}/ptb_2m65",)),
     SEED_LOOP: Run((SEED_LOOP_TINY,)),
