@@ -53,11 +53,13 @@ BENCH_LOOP = ("for cpp in 1 0; do LMCORE_MOGRIFIER_CPP=$cpp python -m lmcore tra
 SMALL = ("--model.params_budget 200000 --train.epochs 1 --train.steps_per_epoch 3 --data.eval_batch_size 200 "
          "--test-batch-size 200 --runs-dir {tmp}/runs")
 # Dynamic evaluation scores valid several times, a step per window: on PTB minutes, so those runs train on {markov}.
-ON_MARKOV = "--data.name text --data.dir {markov} --model.params_budget 20000 --data.eval_batch_size 8 --test-batch-size 8"
+ON_MARKOV = ("--data.name text --data.dir {markov} --model.params_budget 20000 --data.eval_batch_size 8 "
+             "--test-batch-size 8")
 SMALL_LOOP = ("for f in mogrifier lstm transformer; do python -m lmcore train --run-name small_$f --config "
               "configs/small_$f.yaml; python -m lmcore evaluate --run-name small_$f --dynamic-search; done")
 SMALL_LOOP_TINY = (SMALL_LOOP.replace("mogrifier lstm transformer", "mogrifier")  # the others: their own lines
-                   .replace(".yaml;", f".yaml {SMALL} {ON_MARKOV};").replace("search;", "search --runs-dir {tmp}/runs;"))
+                   .replace(".yaml;", f".yaml {SMALL} {ON_MARKOV};")
+                   .replace("search;", "search --runs-dir {tmp}/runs;"))
 PAPER_TRAIN = "python -m lmcore train --run-name ptb_paper --config configs/ptb_mogrifier_paper.yaml"
 LSTM_REF = ("python -m lmcore train --run-name ptb_lstm_ref --dataset ptb --model.family lstm --model.layers 2 "
             "--model.hidden 200 --model.tie_weights true --model.dropout.input 0.2 --model.dropout.inter 0.2 "
@@ -71,7 +73,8 @@ SEED_LOOP = ("for family in mogrify lstm transformer; do python tune.py export-b
              "ptb_${family}_best.yaml --force; for seed in 1 2 3; do python -m lmcore train --run-name "
              "ptb_${family}_seed$seed --config ptb_${family}_best.yaml --set train.seed=$seed; done; done")
 SEED_LOOP_TINY = (SEED_LOOP.replace("mogrify lstm transformer", "mogrify").replace("1 2 3", "1")  # one of each
-                  .replace("results/ptb_2m65_$family", "{tiny}").replace(" ptb_${family}_best", " {tmp}/ptb_${family}_best")
+                  .replace("results/ptb_2m65_$family", "{tiny}")
+                  .replace(" ptb_${family}_best", " {tmp}/ptb_${family}_best")
                   .replace("--run-name", "--runs-dir {tmp}/runs --run-name"))
 RESULTS_MOG = "python tune.py export-best results/ptb_2m65_mogrify --out ptb_mogrify_best.yaml"
 RESULTS_TRANSFORMER = "python tune.py export-best results/ptb_2m65_transformer --out ptb_transformer_best.yaml"
@@ -170,7 +173,8 @@ HOW: dict[str, Run | Skip] = {
     "docs/results/ptb_2m65": Run(("python tune.py compare {tiny} {tiny} {tiny} --out {tmp}/ptb_2m65",)),
     SEED_LOOP: Run((SEED_LOOP_TINY,)),
     # docs/tuning.md
-    QUICKSTART_BEST: Run((QUICKSTART_BEST.replace("results/quickstart", "{tiny}").replace("best.yaml", "{tmp}/qs.yaml"),)),
+    QUICKSTART_BEST:
+        Run((QUICKSTART_BEST.replace("results/quickstart", "{tiny}").replace("best.yaml", "{tmp}/qs.yaml"),)),
     "python -m lmcore train --run-name quickstart_best --config best.yaml --set train.epochs=12 --set train.seed=2":
         Run((QUICKSTART_BEST.replace("results/quickstart", "{tiny}").replace("best.yaml", "{tmp}/qs.yaml"),
              "python -m lmcore train --run-name quickstart_best --config {tmp}/qs.yaml --set train.epochs=12 --set "
