@@ -21,7 +21,7 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 @dataclass(frozen=True)
 class Run:
-    steps: tuple[str, ...]  # commands run in order ({tmp}: a folder of this module, {tiny}: a finished experiment)
+    steps: tuple[str, ...]  # commands run in order ({tmp}, {tiny}, {markov}: see `places`)
     gpu: bool = False  # run only where CUDA is available
 
 
@@ -48,6 +48,37 @@ BENCH_TINY = "--quick --repeats 1 --budget 0.2"
 BENCH_LOOP = ("for cpp in 1 0; do LMCORE_MOGRIFIER_CPP=$cpp python -m lmcore train --run-name e2e_$cpp --dataset ptb "
               "--set model.family=mogrifier --set model.hidden=256 --set model.layers=2 --set model.rounds=5 "
               "--set data.batch_size=32 --set data.bptt=35 --set train.epochs=1 --set train.steps_per_epoch=80; done")
+
+# configs/small_*.yaml and the paper's config, a few steps on PTB; their eval.* shrunk for `evaluate --dynamic`
+SMALL = ("--model.params_budget 200000 --train.epochs 1 --train.steps_per_epoch 3 --data.eval_batch_size 200 "
+         "--test-batch-size 200 --runs-dir {tmp}/runs")
+# Dynamic evaluation scores valid several times, a step per window: on PTB minutes, so those runs train on {markov}.
+ON_MARKOV = ("--data.name text --data.dir {markov} --model.params_budget 20000 --data.eval_batch_size 8 "
+             "--test-batch-size 8")
+SMALL_LOOP = ("for f in mogrifier lstm transformer; do python -m lmcore train --run-name small_$f --config "
+              "configs/small_$f.yaml; python -m lmcore evaluate --run-name small_$f --dynamic-search; done")
+SMALL_LOOP_TINY = (SMALL_LOOP.replace("mogrifier lstm transformer", "mogrifier")  # the others: their own lines
+                   .replace(".yaml;", f".yaml {SMALL} {ON_MARKOV};")
+                   .replace("search;", "search --runs-dir {tmp}/runs;"))
+PAPER_TRAIN = "python -m lmcore train --run-name ptb_paper --config configs/ptb_mogrifier_paper.yaml"
+LSTM_REF = ("python -m lmcore train --run-name ptb_lstm_ref --dataset ptb --model.family lstm --model.layers 2 "
+            "--model.hidden 200 --model.tie_weights true --model.dropout.input 0.2 --model.dropout.inter 0.2 "
+            "--model.dropout.output 0.2 --optim.name sgd --optim.lr 20 --optim.clip 0.25 --optim.lr_decay 0.25 "
+            "--data.batch_size 20 --data.eval_batch_size 10 --data.bptt 35 --data.variable_bptt false --train.epochs 6")
+STUDY_LOOP = ("for family in mogrify lstm transformer; do python tune.py experiments/ptb_$family.yaml --set "
+              "name=ptb_2m65_$family --set model.params_budget=2650000 --set trials=8 --set scheduler.max_epochs=6 "
+              "--set scheduler.grace_period=1 --set scheduler.reduction_factor=2 --set resources.cpus=1 --set "
+              "resources.gpus=0 --set data.batch_size=20 --set data.bptt=35 --set train.amp=false --no-dashboard; done")
+SEED_LOOP = ("for family in mogrify lstm transformer; do python tune.py export-best results/ptb_2m65_$family --out "
+             "ptb_${family}_best.yaml --force; for seed in 1 2 3; do python -m lmcore train --run-name "
+             "ptb_${family}_seed$seed --config ptb_${family}_best.yaml --set train.seed=$seed; done; done")
+SEED_LOOP_TINY = (SEED_LOOP.replace("mogrify lstm transformer", "mogrify").replace("1 2 3", "1")  # one of each
+                  .replace("results/ptb_2m65_$family", "{tiny}")
+                  .replace(" ptb_${family}_best", " {tmp}/ptb_${family}_best")
+                  .replace("--run-name", "--runs-dir {tmp}/runs --run-name"))
+RESULTS_MOG = "python tune.py export-best results/ptb_2m65_mogrify --out ptb_mogrify_best.yaml"
+RESULTS_TRANSFORMER = "python tune.py export-best results/ptb_2m65_transformer --out ptb_transformer_best.yaml"
+QUICKSTART_BEST = "python tune.py export-best results/quickstart --family mogrifier --out best.yaml"
 
 # documented command -> how it is run here. One line per command.
 HOW: dict[str, Run | Skip] = {
@@ -91,18 +122,89 @@ HOW: dict[str, Run | Skip] = {
     "scripts/local_cluster.sh stop": Skip("tests/test_cluster.py"),
     "python benchmarks/tuner_overhead.py --cpus 2": Skip("a 10-minute benchmark; its --quick form is the same code"),
     "python benchmarks/tuner_overhead.py --quick --cpus 2": Skip("minutes: run by hand for docs/benchmarks.md"),
+    # Exported configs of the tiny experiment ({tiny}: a "text" corpus) train in seconds.
+    "python tune.py export-best results/ptb_mogrify --out best.yaml":
+        Run(("python tune.py export-best {tiny} --out {tmp}/best.yaml",
+             "python -m lmcore train --run-name best --config {tmp}/best.yaml --runs-dir {tmp}/runs")),
+    "python -m lmcore evaluate --run-name mog --dynamic-search":
+        Run((f"{README_TRAIN} {TINY_TRAIN} {ON_MARKOV} --runs-dir {{tmp}}/markov",
+             "python -m lmcore evaluate --run-name mog --dynamic-search --runs-dir {tmp}/markov")),
+    PAPER_TRAIN: plus(PAPER_TRAIN, f"{SMALL} --model.rank 8 --model.params_budget 300000"),
+    # docs/paper_tools.md
+    "python -m lmcore train --run-name small_transformer --config configs/small_transformer.yaml":
+        plus("python -m lmcore train --run-name small_transformer --config configs/small_transformer.yaml", SMALL),
+    "python -m lmcore train --run-name small_transformer_nomem --config configs/small_transformer.yaml --set "
+    "model.memory=0 --set model.pos_encode=sinusoidal":
+        plus("python -m lmcore train --run-name small_transformer_nomem --config configs/small_transformer.yaml --set "
+             "model.memory=0 --set model.pos_encode=sinusoidal", SMALL),
+    SMALL_LOOP: Run((SMALL_LOOP_TINY,)),
+    "python -m lmcore evaluate --run-name small_mogrifier --dynamic":
+        Run((SMALL_LOOP_TINY, "python -m lmcore evaluate --run-name small_mogrifier --dynamic --runs-dir {tmp}/runs")),
+    "python -m lmcore evaluate --run-name small_mogrifier --dynamic --set eval.dynamic_lr=1e-4":
+        Run((SMALL_LOOP_TINY, "python -m lmcore evaluate --run-name small_mogrifier --dynamic --set "
+             "eval.dynamic_lr=1e-4 --runs-dir {tmp}/runs")),
+    "python -m lmcore evaluate --run-name small_mogrifier --dynamic-search":
+        Run((SMALL_LOOP_TINY, "python -m lmcore evaluate --run-name small_mogrifier --dynamic-search --runs-dir "
+             "{tmp}/runs")),
+    "python -m lmcore train --run-name small_lstm_mos2 --config configs/small_lstm.yaml --set model.softmax_mixtures=2":
+        plus("python -m lmcore train --run-name small_lstm_mos2 --config configs/small_lstm.yaml --set "
+             "model.softmax_mixtures=2", SMALL),
+    "python -m lmcore train --run-name small_lstm_ema --config configs/small_lstm.yaml --set optim.average=ema":
+        plus("python -m lmcore train --run-name small_lstm_ema --config configs/small_lstm.yaml --set "
+             "optim.average=ema", SMALL),
+    "python -m lmcore train --run-name small_lstm_asgd --config configs/small_lstm.yaml --set optim.average=asgd "
+    "--set optim.asgd_nonmono=1":
+        plus("python -m lmcore train --run-name small_lstm_asgd --config configs/small_lstm.yaml --set "
+             "optim.average=asgd --set optim.asgd_nonmono=1", SMALL),
+    # docs/results.md
+    LSTM_REF: plus(LSTM_REF, SMALL.replace("--model.params_budget 200000", "--model.hidden 16")),
+    RESULTS_MOG: Run(("python tune.py export-best {tiny} --out {tmp}/ptb_mogrify_best.yaml",)),
+    "python -m lmcore train --run-name ptb_mogrify_best --config ptb_mogrify_best.yaml":
+        Run(("python tune.py export-best {tiny} --out {tmp}/ptb_mogrify_best.yaml",
+             "python -m lmcore train --run-name ptb_mogrify_best --config {tmp}/ptb_mogrify_best.yaml --runs-dir "
+             "{tmp}/runs")),
+    RESULTS_TRANSFORMER: Run(("python tune.py export-best {tiny} --out {tmp}/ptb_transformer_best.yaml",)),
+    "python -m lmcore train --run-name ptb_transformer_best --config ptb_transformer_best.yaml":
+        Run(("python tune.py export-best {tiny} --out {tmp}/ptb_transformer_best.yaml",
+             "python -m lmcore train --run-name ptb_transformer_best --config {tmp}/ptb_transformer_best.yaml "
+             "--runs-dir {tmp}/runs")),
+    STUDY_LOOP: check(STUDY_LOOP.replace(" --no-dashboard", "")),  # check takes no Ray options
+    "python tune.py compare results/ptb_2m65_mogrify results/ptb_2m65_lstm results/ptb_2m65_transformer --out "
+    "docs/results/ptb_2m65": Run(("python tune.py compare {tiny} {tiny} {tiny} --out {tmp}/ptb_2m65",)),
+    SEED_LOOP: Run((SEED_LOOP_TINY,)),
+    # docs/tuning.md
+    QUICKSTART_BEST:
+        Run((QUICKSTART_BEST.replace("results/quickstart", "{tiny}").replace("best.yaml", "{tmp}/qs.yaml"),)),
+    "python -m lmcore train --run-name quickstart_best --config best.yaml --set train.epochs=12 --set train.seed=2":
+        Run((QUICKSTART_BEST.replace("results/quickstart", "{tiny}").replace("best.yaml", "{tmp}/qs.yaml"),
+             "python -m lmcore train --run-name quickstart_best --config {tmp}/qs.yaml --set train.epochs=12 --set "
+             "train.seed=2 --set train.epochs=1 --runs-dir {tmp}/runs")),
 }
 
 
 def documented_commands() -> dict[str, str]:
-    """Each shell command of the docs' ```bash blocks (continuation lines joined, comments dropped) -> its file."""
+    """Each shell command of the docs' ```bash blocks (continuation lines joined, comments dropped, a `for ...; do`
+    loop joined up to its `done`) -> its file."""
     commands = {}
     for doc in DOCS:
         for block in re.findall(r"^```bash\n(.*?)^```", doc.read_text(), re.S | re.M):
-            for line in block.replace("\\\n", " ").splitlines():
-                command = " ".join(re.sub(r"(^|\s)#.*$", "", line).split())
-                if command:
-                    commands.setdefault(command, doc.name)
+            for command in shell_commands(block):
+                commands.setdefault(command, doc.name)
+    return commands
+
+
+def shell_commands(block: str) -> list[str]:
+    """The commands of one bash block, each on one line: `a; do` / `b` / `done` -> `a; do b; done`."""
+    commands, loop, depth = [], "", 0
+    for line in block.replace("\\\n", " ").splitlines():
+        line = " ".join(re.sub(r"(^|\s)#.*$", "", line).split())
+        if not line:
+            continue
+        depth += (line.endswith("; do") or line == "do") - (line == "done")
+        loop = line if not loop else f"{loop}{' ' if loop.endswith('do') else '; '}{line}"
+        if depth == 0:
+            commands.append(loop)
+            loop = ""
     return commands
 
 
@@ -114,7 +216,8 @@ def test_every_documented_command_is_in_the_table():
 
 @pytest.fixture(scope="module")
 def places(tmp_path_factory, markov_corpus_dir, ray_session) -> dict[str, str]:
-    """{tmp}: a folder for this module; {tiny}: the folder of a finished tiny experiment (2 trials, 1 epoch)."""
+    """{tmp}: a folder for this module; {tiny}: the folder of a finished tiny experiment (2 trials, 1 epoch);
+    {markov}: the tiny corpus it was trained on (a "text" data.dir)."""
     from conftest import write_tiny_experiment
     from lmtune import load_experiment, run_experiment
 
@@ -123,7 +226,7 @@ def places(tmp_path_factory, markov_corpus_dir, ray_session) -> dict[str, str]:
                                  scheduler={"type": "fifo", "max_epochs": 1})
     exp = load_experiment(path)
     assert run_experiment(exp) is True
-    return {"tmp": str(tmp), "tiny": str(exp.folder)}
+    return {"tmp": str(tmp), "tiny": str(exp.folder), "markov": str(markov_corpus_dir)}
 
 
 DONE: dict[str, None] = {}  # steps already run in this module (a training that an evaluation needs, once)
@@ -140,7 +243,8 @@ def test_documented_command_runs(command, places, request, monkeypatch, capsys, 
     if any("-m lmcore" in step for step in how.steps):  # trains on the real data (skipped without it)
         monkeypatch.setenv("LMCORE_DATA_DIR", str(request.getfixturevalue("data_root")))
     for step in how.steps:
-        step = step.format(**places)
+        for name, path in places.items():  # not str.format: the shell's ${x}
+            step = step.replace(f"{{{name}}}", path)
         if step in DONE:
             continue
         run_step(step, tmp_path, capsys)
