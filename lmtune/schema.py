@@ -191,7 +191,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     spec.storage = str(Path(spec.storage).expanduser().resolve())
     base = _base_config(spec, source)
     space = _search_space(spec, base, source, pinned)
-    points = _start_points(spec.start_from, space, base, source)
+    points = _start_points(_under_pins(spec.start_from, pinned), space, base, source)
     return Experiment(spec=spec, base=base, space=space, source=source, pinned=pinned, start_points=points)
 
 
@@ -430,6 +430,14 @@ def _check_samples(space: SearchSpace, base: Config, source: str) -> None:
             raise ExperimentError(message(
                 [f"{source}: these settings are invalid together: {files.short_repr(settings, 400)}",
                  *error_lines(err, source)])) from None
+
+
+def _under_pins(start_from: list[dict[str, Any]], pinned: dict[str, Any]) -> list[dict[str, Any]]:
+    """The `start_from` points that agree with the settings pinned by --set, without those settings (no longer
+    searched): pinning model.family=lstm leaves out a Mogrifier starting point rather than refusing it."""
+    points = [flatten(point) for point in start_from]
+    agree = [p for p in points if all(p.get(name, value) == value for name, value in pinned.items())]
+    return [kept for p in agree if (kept := {k: v for k, v in p.items() if k not in pinned})]
 
 
 def _start_points(start_from: list[dict[str, Any]], space: SearchSpace, base: Config,

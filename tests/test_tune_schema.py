@@ -221,6 +221,16 @@ def test_a_condition_on_a_pinned_setting_uses_the_pinned_value():
     assert all("model.dropout.state" in d for d in exp.space.draw(8))  # when: family in [mogrifier, lstm]
 
 
+def test_start_points_follow_the_pinned_settings():
+    """ptb_compare starts from the paper's Mogrifier: pinned to the LSTM that point no longer applies; pinned
+    to the Mogrifier it stays, less the pinned family."""
+    path = REPO / "experiments" / "ptb_compare.yaml"
+    assert load_experiment(path).start_points[0]["model.family"] == "mogrifier"
+    assert load_experiment(path, ["model.family=lstm"]).start_points == []
+    (point,) = load_experiment(path, ["model.family=mogrifier"]).start_points
+    assert "model.family" not in point and any(key.startswith("model.rounds") for key in point)
+
+
 def test_a_pinned_family_replaces_the_experiments_family():
     exp = load_experiment(REPO / "experiments" / "ptb_mogrify.yaml", ["model.family=lstm", "model.rounds=0"])
     assert exp.base.model.family == "lstm" and exp.spec.family == "lstm"
