@@ -27,6 +27,7 @@ SUMMARY_FILE = "summary.json"
 RAY_FOLDER = "ray"  # Ray's experiment state and trial folders, out of the way of the tables and figures
 HISTORY_COLUMNS = [*(k for k in EpochMetrics.__annotations__ if k != "params"), "time_total_s", "timestamp"]
 RANKED = ("completed", "early-stopped", "running", "paused", "pending")  # not diverged, not error
+ENDED = ("completed", "early-stopped", "diverged", "error")  # a trial in any other state will run again on resume
 # The tables' columns, defined once: each family's best trial, and the same over several experiments.
 FAMILY_COLUMNS = ["family", "trial_id", "params", "best_valid_ppl", "valid_ppl", "test_ppl", "trials", "compute_h"]
 COMPARE_COLUMNS = ["experiment", "dataset", *FAMILY_COLUMNS]

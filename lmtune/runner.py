@@ -93,8 +93,17 @@ def _fit(exp: Experiment, plan: Plan, started: bool) -> bool:
                 verbose=1,
             ),
         )
-    results = tuner.fit()
-    return results.num_terminated + results.num_errors >= exp.spec.trials
+    tuner.fit()
+    return study_ended(exp)
+
+
+def study_ended(exp: Experiment) -> bool:
+    """Whether every trial of the study has ended, as Ray saved it: after a Ctrl-C, trials that were running are
+    saved as unfinished (Tune's own counts may call them terminated when their processes are reused)."""
+    from lmtune.results import ENDED, load_results
+
+    trials = load_results(exp.folder).trials
+    return len(trials) >= exp.spec.trials and bool(trials["status"].isin(ENDED).all())
 
 
 def trials_that_fit(exp: Experiment) -> int:

@@ -148,13 +148,20 @@ def test_a_study_on_two_nodes_survives_losing_one(cluster, tmp_path, markov_corp
     moved = 0
     for name, reports in results.items():
         epochs = [r["epoch"] for r in reports]
-        assert sorted(set(epochs)) == list(range(1, MAX_EPOCHS + 1)), (name, epochs)
         where = [r["node_id"] for r in reports]
-        if nodes["worker"] in where and where[-1] == nodes["head"]:  # lost with the worker, finished on the head
+        seen = sorted(set(epochs))
+        assert seen[0] == 1 and seen[-1] == MAX_EPOCHS, (name, epochs)
+        # The report of the epoch in flight when its node died may be lost with the node (Ray's result stream),
+        # while its checkpoint, already in the shared storage, is not: the trial then resumes after that epoch.
+        in_flight = len(set(range(1, MAX_EPOCHS + 1)) - set(seen))
+        lost_with_worker = nodes["worker"] in where and where[-1] == nodes["head"]
+        assert in_flight == 0 or (lost_with_worker and in_flight == 1), (name, epochs, where)
+        if lost_with_worker:  # lost with the worker, finished on the head
             moved += 1
             first_on_head = epochs[where.index(nodes["head"])]
             last_on_worker = max(e for e, n in zip(epochs, where) if n == nodes["worker"])
-            assert 1 < first_on_head <= last_on_worker + 1, f"{name} resumed from its checkpoint: {epochs} {where}"
+            assert 1 < first_on_head <= last_on_worker + 1 + in_flight, \
+                f"{name} resumed from its checkpoint: {epochs} {where}"
         # Every trial's checkpoints are in the shared storage.
         assert list((ray_folder(folder) / name).glob("checkpoint_*/model.pt")), name
     assert moved >= 1, "the worker's running trial was retried on the head"
