@@ -36,7 +36,8 @@ def session_pids(sid: int) -> set[int]:
 
 
 def guard_pids(driver: int) -> set[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
+    # -ww: whole command lines; ps otherwise cuts them at $COLUMNS (80 under pytest), losing the driver's pid.
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
     return {int(line.split()[0]) for line in out.splitlines()
             if "ray_guard.py" in line and f" {driver} " in f"{line} " and line.split()[1][0] != "Z"}
 
