@@ -83,8 +83,9 @@ def test_killed_driver_resumes_with_the_same_command(tiny_experiment, tmp_path):
 
 
 def test_ctrl_c_exits_130_and_the_interrupted_study_grows(tiny_experiment, tmp_path):
+    # 8 trials: after the first completes, the rest cannot all finish before the Ctrl-C lands (with 4 they could).
     path = tiny_experiment("interrupt", fixed={"train.steps_per_epoch": 40},
-                           scheduler={"type": "fifo", "max_epochs": 4}, trials=4)
+                           scheduler={"type": "fifo", "max_epochs": 4}, trials=8)
     folder = path.parent / "results" / "interrupt"
     command = [sys.executable, str(REPO / "tune.py"), str(path), "--num-cpus", "2", "--no-dashboard"]
 
@@ -100,11 +101,11 @@ def test_ctrl_c_exits_130_and_the_interrupted_study_grows(tiny_experiment, tmp_p
     assert first.returncode == 130, log.read_text()[-4000:]
     assert "run the same command again to resume" in log.read_text()
 
-    grown = run_process([*command, "--set", "trials=6"], cwd=REPO, env=ENV)
+    grown = run_process([*command, "--set", "trials=10"], cwd=REPO, env=ENV)
     assert grown.returncode == 0, process_output(grown.stdout, grown.stderr)
-    assert "Growing interrupt from 4 to 6 trials" in grown.stdout
+    assert "Growing interrupt from 8 to 10 trials" in grown.stdout
     trials = pd.read_csv(folder / "trials.csv")
-    assert len(trials) == 6 and (trials["status"] == "completed").all()
+    assert len(trials) == 10 and (trials["status"] == "completed").all()
 
 
 def test_a_finished_study_grows_and_keeps_every_trial(ray_session, tiny_experiment):
