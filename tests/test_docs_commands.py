@@ -61,10 +61,6 @@ SMALL_LOOP_TINY = (SMALL_LOOP.replace("mogrifier lstm transformer", "mogrifier")
                    .replace(".yaml;", f".yaml {SMALL} {ON_MARKOV};")
                    .replace("search;", "search --runs-dir {tmp}/runs;"))
 PAPER_TRAIN = "python -m lmcore train --run-name ptb_paper --config configs/ptb_mogrifier_paper.yaml"
-LSTM_REF = ("python -m lmcore train --run-name ptb_lstm_ref --dataset ptb --model.family lstm --model.layers 2 "
-            "--model.hidden 200 --model.tie_weights true --model.dropout.input 0.2 --model.dropout.inter 0.2 "
-            "--model.dropout.output 0.2 --optim.name sgd --optim.lr 20 --optim.clip 0.25 --optim.lr_decay 0.25 "
-            "--data.batch_size 20 --data.eval_batch_size 10 --data.bptt 35 --data.variable_bptt false --train.epochs 6")
 STUDY_LOOP = ("for family in mogrify lstm transformer; do python tune.py experiments/ptb_$family.yaml --set "
               "name=ptb_2m65_$family --set model.params_budget=2650000 --set trials=8 --set scheduler.max_epochs=6 "
               "--set scheduler.grace_period=1 --set scheduler.reduction_factor=2 --set resources.cpus=1 --set "
@@ -76,6 +72,12 @@ SEED_LOOP_TINY = (SEED_LOOP.replace("mogrify lstm transformer", "mogrify").repla
                   .replace("results/ptb_2m65_$family", "{tiny}")
                   .replace(" ptb_${family}_best", " {tmp}/ptb_${family}_best")
                   .replace("--run-name", "--runs-dir {tmp}/runs --run-name"))
+REF_LOOP = ("for f in lstm mogrifier transformer; do python -m lmcore train --run-name ptb_2m65_$f --config "
+            "configs/ptb_2m65_$f.yaml; done")
+FAMILY_SPEED = ("python benchmarks/family_speed.py configs/ptb_2m65_lstm.yaml configs/ptb_2m65_mogrifier.yaml "
+                "configs/ptb_2m65_transformer.yaml --steps 20 --rounds 3")
+SMALL_SEEDS = ("for seed in 2 3; do python -m lmcore train --run-name small_lstm_seed$seed --config "
+               "configs/small_lstm.yaml --set train.seed=$seed; done")
 RESULTS_MOG = "python tune.py export-best results/ptb_2m65_mogrify --out ptb_mogrify_best.yaml"
 RESULTS_TRANSFORMER = "python tune.py export-best results/ptb_2m65_transformer --out ptb_transformer_best.yaml"
 QUICKSTART_BEST = "python tune.py export-best results/quickstart --family mogrifier --out best.yaml"
@@ -157,7 +159,9 @@ HOW: dict[str, Run | Skip] = {
         plus("python -m lmcore train --run-name small_lstm_asgd --config configs/small_lstm.yaml --set "
              "optim.average=asgd --set optim.asgd_nonmono=1", SMALL),
     # docs/results.md
-    LSTM_REF: plus(LSTM_REF, SMALL.replace("--model.params_budget 200000", "--model.hidden 16")),
+    REF_LOOP: Run((REF_LOOP.replace(".yaml;", f".yaml {SMALL};"),)),
+    SMALL_SEEDS: Run((SMALL_SEEDS.replace("2 3", "2").replace("seed=$seed;", f"seed=$seed {SMALL};"),)),
+    FAMILY_SPEED: plus(FAMILY_SPEED, "--steps 2 --rounds 1"),
     RESULTS_MOG: Run(("python tune.py export-best {tiny} --out {tmp}/ptb_mogrify_best.yaml",)),
     "python -m lmcore train --run-name ptb_mogrify_best --config ptb_mogrify_best.yaml":
         Run(("python tune.py export-best {tiny} --out {tmp}/ptb_mogrify_best.yaml",
@@ -240,7 +244,7 @@ def test_documented_command_runs(command, places, request, monkeypatch, capsys, 
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU")
     monkeypatch.chdir(REPO)
-    if any("-m lmcore" in step for step in how.steps):  # trains on the real data (skipped without it)
+    if any(re.search(r"-m lmcore|configs/", step) for step in how.steps):  # real data (skipped without it)
         monkeypatch.setenv("LMCORE_DATA_DIR", str(request.getfixturevalue("data_root")))
     for step in how.steps:
         for name, path in places.items():  # not str.format: the shell's ${x}
