@@ -55,11 +55,13 @@ SMALL = ("--model.params_budget 200000 --train.epochs 1 --train.steps_per_epoch 
 # Dynamic evaluation scores valid several times, a step per window: on PTB minutes, so those runs train on {markov}.
 ON_MARKOV = ("--data.name text --data.dir {markov} --model.params_budget 20000 --data.eval_batch_size 8 "
              "--test-batch-size 8")
-SMALL_LOOP = ("for f in mogrifier lstm transformer; do python -m lmcore train --run-name small_$f --config "
-              "configs/small_$f.yaml; python -m lmcore evaluate --run-name small_$f --dynamic-search; done")
-SMALL_LOOP_TINY = (SMALL_LOOP.replace("mogrifier lstm transformer", "mogrifier")  # the others: their own lines
-                   .replace(".yaml;", f".yaml {SMALL} {ON_MARKOV};")
-                   .replace("search;", "search --runs-dir {tmp}/runs;"))
+# docs/results.md section 5: the small runs on PTB (shrunk), their dynamic evaluation on {markov} (see ON_MARKOV)
+SMALL_TRAIN_LOOP = ("for f in mogrifier lstm transformer; do python -m lmcore train --run-name small_$f --config "
+                    "configs/small_$f.yaml; done")
+SMALL_DYNAMIC_LOOP = "for f in mogrifier lstm; do python -m lmcore evaluate --run-name small_$f --dynamic-search; done"
+SMALL_LOOP_TINY = ("for f in mogrifier; do python -m lmcore train --run-name small_$f --config configs/small_$f.yaml "
+                   f"{SMALL} {ON_MARKOV}; python -m lmcore evaluate --run-name small_$f --dynamic-search --runs-dir "
+                   "{tmp}/runs; done")
 PAPER_TRAIN = "python -m lmcore train --run-name ptb_paper --config configs/ptb_mogrifier_paper.yaml"
 STUDY_LOOP = ("for family in mogrify lstm transformer; do python tune.py experiments/ptb_$family.yaml --set "
               "name=ptb_2m65_$family --set model.params_budget=2650000 --set trials=8 --set scheduler.max_epochs=6 "
@@ -139,7 +141,8 @@ HOW: dict[str, Run | Skip] = {
     "model.memory=0 --set model.pos_encode=sinusoidal":
         plus("python -m lmcore train --run-name small_transformer_nomem --config configs/small_transformer.yaml --set "
              "model.memory=0 --set model.pos_encode=sinusoidal", SMALL),
-    SMALL_LOOP: Run((SMALL_LOOP_TINY,)),
+    SMALL_TRAIN_LOOP: Run((SMALL_TRAIN_LOOP.replace(".yaml;", f".yaml {SMALL};").replace("{tmp}/runs", "{tmp}/ptb"),)),
+    SMALL_DYNAMIC_LOOP: Run((SMALL_LOOP_TINY,)),  # its dynamic search of small_mogrifier, trained on {markov}
     "python -m lmcore evaluate --run-name small_mogrifier --dynamic":
         Run((SMALL_LOOP_TINY, "python -m lmcore evaluate --run-name small_mogrifier --dynamic --runs-dir {tmp}/runs")),
     "python -m lmcore evaluate --run-name small_mogrifier --dynamic --set eval.dynamic_lr=1e-4":
@@ -160,6 +163,11 @@ HOW: dict[str, Run | Skip] = {
              "optim.average=asgd --set optim.asgd_nonmono=1", SMALL),
     # docs/results.md
     REF_LOOP: Run((REF_LOOP.replace(".yaml;", f".yaml {SMALL};"),)),
+    "python -m lmcore evaluate --run-name small_transformer --dynamic --set eval.dynamic_stat_windows=200":
+        Run(("python -m lmcore train --run-name small_transformer --config configs/small_transformer.yaml "
+             f"{SMALL} {ON_MARKOV}".replace("{tmp}/runs", "{tmp}/markov"),  # {tmp}/runs has a PTB one
+             "python -m lmcore evaluate --run-name small_transformer --dynamic --set eval.dynamic_stat_windows=200 "
+             "--runs-dir {tmp}/markov")),
     SMALL_SEEDS: Run((SMALL_SEEDS.replace("2 3", "2").replace("seed=$seed;", f"seed=$seed {SMALL};"),)),
     FAMILY_SPEED: plus(FAMILY_SPEED, "--steps 2 --rounds 1"),
     RESULTS_MOG: Run(("python tune.py export-best {tiny} --out {tmp}/ptb_mogrify_best.yaml",)),
