@@ -16,12 +16,26 @@ def test_there_are_configs():
     assert {p.stem for p in CONFIGS} >= {"ptb_mogrifier_paper", "wt2_mogrifier_paper", "small_transformer"}
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_config_is_valid_and_meets_its_budget(path):
+def parameters(path: Path) -> int:
     config = make_config({}, flatten(yaml.safe_load(path.read_text())))
-    model = solve_budget(config.model, VOCAB[config.data.name])
-    budget = config.model.params_budget
-    assert abs(count_parameters(model, VOCAB[config.data.name]) - budget) < 0.01 * budget
+    return count_parameters(solve_budget(config.model, VOCAB[config.data.name]), VOCAB[config.data.name])
+
+
+BUDGETED = [p for p in CONFIGS if make_config({}, flatten(yaml.safe_load(p.read_text()))).model.params_budget]
+
+
+@pytest.mark.parametrize("path", BUDGETED, ids=lambda p: p.stem)
+def test_config_is_valid_and_meets_its_budget(path):
+    budget = make_config({}, flatten(yaml.safe_load(path.read_text()))).model.params_budget
+    assert abs(parameters(path) - budget) < 0.01 * budget
+
+
+def test_the_2m65_configs_are_the_size_of_the_lstm_reference():
+    """docs/results.md section 1: the Mogrifier and the Transformer at the reference LSTM's count (+-2%)."""
+    reference = parameters(CONFIGS[0].with_name("ptb_2m65_lstm.yaml"))
+    assert reference == 2_653_200  # pytorch/examples' 2-layer, 200-unit tied LSTM on PTB
+    for family in ("mogrifier", "transformer"):
+        assert abs(parameters(CONFIGS[0].with_name(f"ptb_2m65_{family}.yaml")) - reference) < 0.02 * reference
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
