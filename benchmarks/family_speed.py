@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="+", help="lmcore config files (YAML)")
     parser.add_argument("--steps", type=int, default=50, help="training steps per config per round")
-    parser.add_argument("--rounds", type=int, default=5, help="turns each config takes (the first is a warm-up)")
+    parser.add_argument("--rounds", type=int, default=5, help="measured turns each config takes (after one warm-up turn)")
     args = parser.parse_args()
     trainees = [Trainee(path, args.steps) for path in args.configs]
     for trainee in trainees:  # warm-up: the first steps build caches and load the Mogrifier's C++ loops

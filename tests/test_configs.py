@@ -16,17 +16,21 @@ def test_there_are_configs():
     assert {p.stem for p in CONFIGS} >= {"ptb_mogrifier_paper", "wt2_mogrifier_paper", "small_transformer"}
 
 
+def load(path: Path):
+    return make_config({}, flatten(yaml.safe_load(path.read_text())))
+
+
 def parameters(path: Path) -> int:
-    config = make_config({}, flatten(yaml.safe_load(path.read_text())))
+    config = load(path)
     return count_parameters(solve_budget(config.model, VOCAB[config.data.name]), VOCAB[config.data.name])
 
 
-BUDGETED = [p for p in CONFIGS if make_config({}, flatten(yaml.safe_load(p.read_text()))).model.params_budget]
+BUDGETED = [p for p in CONFIGS if load(p).model.params_budget]
 
 
 @pytest.mark.parametrize("path", BUDGETED, ids=lambda p: p.stem)
 def test_config_is_valid_and_meets_its_budget(path):
-    budget = make_config({}, flatten(yaml.safe_load(path.read_text()))).model.params_budget
+    budget = load(path).model.params_budget
     assert abs(parameters(path) - budget) < 0.01 * budget
 
 
