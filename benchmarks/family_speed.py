@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
+from pydantic import ValidationError
 
 from lmcore import build_model, load_corpus
 from lmcore.batching import batchify
-from lmcore.config import make_config
+from lmcore.cli import positive_int
+from lmcore.config import error_lines, make_config
+from lmcore.exitcodes import ExitCode
 from lmcore.files import read_yaml
 from lmcore.train import make_optimizer, resolve_device, seed_everything, train_epoch
 
@@ -52,10 +56,17 @@ class Trainee:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="+", help="lmcore config files (YAML)")
-    parser.add_argument("--steps", type=int, default=50, help="training steps per config per round")
-    parser.add_argument("--rounds", type=int, default=5, help="measured turns each config takes (after one warm-up turn)")
+    parser.add_argument("--steps", type=positive_int, default=50, help="training steps per config per round")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="measured turns (after a warm-up)")
     args = parser.parse_args()
-    trainees = [Trainee(path, args.steps) for path in args.configs]
+    trainees = []
+    for path in args.configs:  # a bad file is one message and exit 2, before any training
+        try:
+            trainees.append(Trainee(path, args.steps))
+        except ValueError as err:  # a bad setting; FileError, SettingError: a missing file, a setting unusable here
+            lines = error_lines(err, path) if isinstance(err, ValidationError) else [f"family_speed.py: {err}"]
+            print("\n".join(lines), file=sys.stderr)
+            sys.exit(ExitCode.BAD_INPUT)
     for trainee in trainees:  # warm-up: the first steps build caches and load the Mogrifier's C++ loops
         trainee.train()
         trainee.rates.clear()
