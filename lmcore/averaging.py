@@ -1,6 +1,8 @@
 """Weight averaging (`optim.average`): validation and checkpoints use the averaged weights.
 
-    ema   an exponential moving average of the weights after every step (decay `optim.ema_decay`)
+    ema   an exponential moving average of the weights after every step: decay `optim.ema_decay`, warmed up
+          as TensorFlow's ExponentialMovingAverage does, min(decay, (1 + t) / (10 + t)) at update t, so
+          that a short run's average covers its last steps rather than its initial weights
     asgd  AWD-LSTM's non-monotonically triggered averaging (Merity et al., 2018): once the validation loss
           is worse than the best of all but the last `optim.asgd_nonmono` epochs, keep the uniform average
           of every later iterate
@@ -44,7 +46,8 @@ class Averager:
         if self.average is None:
             return
         self.count += 1
-        weight = 1 - self.decay if self.method == "ema" else 1 / self.count
+        t = self.count - 1  # updates so far, this one included
+        weight = 1 - min(self.decay, (1 + t) / (10 + t)) if self.method == "ema" else 1 / self.count
         for name, p in self.parameters.items():
             self.average[name].lerp_(p.detach(), weight)
 

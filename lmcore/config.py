@@ -121,7 +121,8 @@ class OptimConfig(_Section):
     average: Literal["none", "ema", "asgd"] = Field(
         "none", description="validate and save averaged weights: none | ema | asgd (AWD-LSTM's triggered average)"
     )
-    ema_decay: float = Field(0.999, gt=0.0, lt=1.0, description="ema: weight of the old average at each step")
+    ema_decay: float = Field(
+        0.999, gt=0.0, lt=1.0, description="ema: weight of the old average at each step, after a warm-up")
     asgd_nonmono: int = Field(5, gt=0, description="asgd: start averaging when valid loss is worse than "
                                                   "the best of all but this many last epochs")
 

@@ -28,10 +28,23 @@ def step(model, optimizer):
 def test_ema_follows_its_formula():
     model, optimizer, averager = setup("ema", ema_decay=0.8)
     expected = model.weight.detach().clone()
-    for _ in range(5):
-        expected = 0.8 * expected + 0.2 * step(model, optimizer)
+    for t in range(1, 41):  # the warm-up reaches the decay at t = 36
+        decay = min(0.8, (1 + t) / (10 + t))
+        expected = decay * expected + (1 - decay) * step(model, optimizer)
     with averager.applied(model):
         torch.testing.assert_close(model.weight.detach(), expected)
+
+
+def test_a_short_runs_ema_forgets_the_initial_weights():
+    """Without the warm-up, 100 steps at decay 0.999 would keep 90% of the initial weights in the average."""
+    model, _, averager = setup("ema", ema_decay=0.999)
+    initial = model.weight.detach().clone()
+    for _ in range(100):
+        with torch.no_grad():
+            model.weight.zero_()  # every iterate is 0: what is left of the average is the initial weights' share
+        averager.update()
+    with averager.applied(model):
+        assert model.weight.abs().max() < 0.01 * initial.abs().max()
 
 
 def test_asgd_starts_when_validation_stops_improving_then_averages_uniformly():
