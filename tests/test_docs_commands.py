@@ -63,10 +63,8 @@ SMALL_LOOP_TINY = ("for f in mogrifier; do python -m lmcore train --run-name sma
                    f"{SMALL} {ON_MARKOV}; python -m lmcore evaluate --run-name small_$f --dynamic-search --runs-dir "
                    "{tmp}/runs; done")
 PAPER_TRAIN = "python -m lmcore train --run-name ptb_paper --config configs/ptb_mogrifier_paper.yaml"
-STUDY_LOOP = ("for family in mogrify lstm transformer; do python tune.py experiments/ptb_$family.yaml --set "
-              "name=ptb_2m65_$family --set model.params_budget=2650000 --set trials=8 --set scheduler.max_epochs=6 "
-              "--set scheduler.grace_period=1 --set scheduler.reduction_factor=2 --set resources.cpus=1 --set "
-              "resources.gpus=0 --set data.batch_size=20 --set data.bptt=35 --set train.amp=false --no-dashboard; done")
+STUDY_LOOP = ("for family in mogrify lstm transformer; do python tune.py experiments/ptb_2m65_$family.yaml "
+              "--no-dashboard; done")
 SEED_LOOP = ("for family in mogrify lstm transformer; do python tune.py export-best results/ptb_2m65_$family --out "
              "ptb_${family}_best.yaml --force; for seed in 1 2 3; do python -m lmcore train --run-name "
              "ptb_${family}_seed$seed --config ptb_${family}_best.yaml --set train.seed=$seed; done; done")
