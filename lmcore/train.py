@@ -152,8 +152,9 @@ def evaluate_checkpoint(path: str | Path, splits: tuple[str, ...] = ("valid", "t
     scores = {}
     for split in splits:  # a long evaluation says what it is doing
         started = time.perf_counter()
-        log.info("evaluating %s on %s (%s tokens, batch size %d) ...", path, split,
-                 f"{getattr(corpus, split).numel():,}", scoring["batch_size"])
+        how = (f"dynamic, batch size {config.eval.dynamic_batch_size}, a step every {config.eval.dynamic_bptt} tokens"
+               if dynamic is not None else f"batch size {scoring['batch_size']}")
+        log.info("evaluating %s on %s (%s tokens, %s) ...", path, split, f"{getattr(corpus, split).numel():,}", how)
         scores[split] = evaluate(model, getattr(corpus, split), **scoring)
         log.info("%s: loss %.4f, ppl %.2f (%.1fs)", split, scores[split]["loss"], scores[split]["ppl"],
                  time.perf_counter() - started)

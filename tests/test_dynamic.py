@@ -150,7 +150,7 @@ def test_choose_searches_lr_and_decay_on_valid(trained, corpus):
         assert evaluate(model, corpus.valid, eos_id=vocab.eos_id, dynamic=other)["loss"] >= valid["loss"]
 
 
-def test_evaluate_dynamic_on_the_command_line(trained, markov_corpus_dir, tmp_path, capsys):
+def test_evaluate_dynamic_on_the_command_line(trained, markov_corpus_dir, tmp_path, capsys, caplog):
     """The documented `python -m lmcore evaluate --run-name X --dynamic [--set eval....]`, on a tiny run."""
     runs = tmp_path / "runs"
     (runs / "tiny").mkdir(parents=True)
@@ -161,6 +161,7 @@ def test_evaluate_dynamic_on_the_command_line(trained, markov_corpus_dir, tmp_pa
     assert main([*common, "--dynamic", *(a for q in quick for a in ("--set", q))]) == 0
     out = capsys.readouterr().out
     assert "dynamic evaluation: rms, lr 5e-05, decay 0.002, bptt 10, batch size 4" in out and "test" in out
+    assert "tokens, dynamic, batch size 4, a step every 10 tokens) ..." in caplog.text  # not eval_batch_size
     assert main([*common, "--dynamic-search", *(a for q in quick for a in ("--set", q))]) == 0
     assert "dynamic_test_ppl" in capsys.readouterr().out
     assert (runs / "tiny" / "best.pt").read_bytes() == before  # evaluation never changes the checkpoint
