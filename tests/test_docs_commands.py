@@ -58,7 +58,8 @@ ON_MARKOV = ("--data.name text --data.dir {markov} --model.params_budget 20000 -
 # docs/results.md section 5: the small runs on PTB (shrunk), their dynamic evaluation on {markov} (see ON_MARKOV)
 SMALL_TRAIN_LOOP = ("for f in mogrifier lstm transformer; do python -m lmcore train --run-name small_$f --config "
                     "configs/small_$f.yaml; done")
-SMALL_DYNAMIC_LOOP = "for f in mogrifier lstm; do python -m lmcore evaluate --run-name small_$f --dynamic-search; done"
+SMALL_DYNAMIC_LOOP = ("for f in mogrifier lstm transformer; do python -m lmcore evaluate --run-name small_$f "
+                      "--dynamic-search; done")
 SMALL_LOOP_TINY = ("for f in mogrifier; do python -m lmcore train --run-name small_$f --config configs/small_$f.yaml "
                    f"{SMALL} {ON_MARKOV}; python -m lmcore evaluate --run-name small_$f --dynamic-search --runs-dir "
                    "{tmp}/runs; done")
@@ -161,10 +162,10 @@ HOW: dict[str, Run | Skip] = {
              "optim.average=asgd --set optim.asgd_nonmono=1", SMALL),
     # docs/results.md
     REF_LOOP: Run((REF_LOOP.replace(".yaml;", f".yaml {SMALL};"),)),
-    "python -m lmcore evaluate --run-name small_transformer --dynamic --set eval.dynamic_stat_windows=200":
+    "python -m lmcore evaluate --run-name small_transformer --dynamic --set eval.dynamic_stat_windows=100":
         Run(("python -m lmcore train --run-name small_transformer --config configs/small_transformer.yaml "
              f"{SMALL} {ON_MARKOV}".replace("{tmp}/runs", "{tmp}/markov"),  # {tmp}/runs has a PTB one
-             "python -m lmcore evaluate --run-name small_transformer --dynamic --set eval.dynamic_stat_windows=200 "
+             "python -m lmcore evaluate --run-name small_transformer --dynamic --set eval.dynamic_stat_windows=100 "
              "--runs-dir {tmp}/markov")),
     SMALL_SEEDS: Run((SMALL_SEEDS.replace("2 3", "2").replace("seed=$seed;", f"seed=$seed {SMALL};"),)),
     FAMILY_SPEED: plus(FAMILY_SPEED, "--steps 2 --rounds 1"),
