@@ -230,6 +230,6 @@ def device(request) -> str:
     return request.param
 
 
-# LSTM trials only: for tests that kill trial processes, which must never be building the Mogrifier's C++
-# loops at that moment (torch would leave its build lock behind, and every later load would wait on it).
+# LSTM trials only: for tests that kill trial processes, so that none is killed halfway through building the
+# Mogrifier's C++ loops (that leaves no lock behind, test_mogrifier checks, but the next trial builds again).
 LSTM_ONLY = {"params": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}}

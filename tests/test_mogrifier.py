@@ -8,12 +8,16 @@ of every parameter, the input and the initial state.
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+import sys
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import REPO_ROOT, process_output, run_process
 from lmcore.models.mogrifier import MogrifierLSTMLayer
 from lmcore.models.mogrifier import cpu as mogrifier_cpu
 from lmcore.models.mogrifier import fast as mogrifier_fast
@@ -314,6 +318,19 @@ class _CountingExtension:
 
 CPP = mogrifier_cpu.extension()  # built here on first use (cached in torch's extensions directory)
 needs_cpp = pytest.mark.skipif(CPP is None, reason=f"C++ loops unavailable ({mogrifier_cpu.unsupported_reason()})")
+
+
+@needs_cpp
+def test_a_process_killed_while_loading_never_blocks_the_next(tmp_path):
+    """A trial killed while loading the extension leaves torch's lock file behind (a SIGKILL skips every cleanup);
+    the next process still loads it instead of waiting on that file forever."""
+    extensions = tmp_path / "torch_extensions"
+    shutil.copytree(mogrifier_cpu.build_directory(), extensions / mogrifier_cpu.build_directory().name)
+    (extensions / mogrifier_cpu.build_directory().name / "lock").touch()  # as the killed process left it
+    load = "from lmcore.models.mogrifier import cpu; assert cpu.extension() is not None, 'not loaded'"
+    loaded = run_process([sys.executable, "-c", load], timeout=300, cwd=REPO_ROOT,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "TORCH_EXTENSIONS_DIR": str(extensions)})
+    assert loaded.returncode == 0, process_output(loaded.stdout, loaded.stderr)
 
 
 @needs_cpp
