@@ -79,29 +79,38 @@ class DynamicEval:
 
 
 @contextmanager
-def adapting(model: nn.Module, trained: dict[str, Tensor]) -> Iterator[None]:
-    """The model in eval mode (no dropout: the adaptation sees the model that is scored); afterwards its
-    trained weights back, bit for bit, and its mode as it was."""
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout: gradients of the model that is scored); afterwards no gradients left behind and the
+    mode as it was."""
     was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
+@contextmanager
+def adapting(model: nn.Module, trained: dict[str, Tensor]) -> Iterator[None]:
+    """The model in eval mode, as it adapts; afterwards its trained weights back, bit for bit."""
     embedding = getattr(model, "embedding", None)
     decoder = getattr(model, "decoder", None)
     # Tied: the decoder's gradient is dense anyway, and a sparse one from the embedding saves zero-filling
     # and adding a vocabulary-sized matrix after every window (a fifth of the time on a CPU).
     tied = embedding is not None and decoder is not None and decoder.weight is embedding.weight
     was_sparse = tied and embedding.sparse
-    model.eval()
-    if tied:
-        embedding.sparse = True
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(trained[name])
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
+    with _eval_mode(model):
         if tied:
-            embedding.sparse = was_sparse
+            embedding.sparse = True
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(trained[name])
+            if tied:
+                embedding.sparse = was_sparse
 
 
 def gradient_rms(model: nn.Module, train_tokens: Tensor, settings: EvalConfig, device: torch.device,
@@ -110,10 +119,8 @@ def gradient_rms(model: nn.Module, train_tokens: Tensor, settings: EvalConfig, d
     params = dict(model.named_parameters())
     squares = {name: torch.zeros_like(p) for name, p in params.items()}
     data = batchify(train_tokens, settings.dynamic_stat_batch_size).to(device)
-    was_training = model.training
-    model.eval()
     windows, state = 0, None
-    try:
+    with _eval_mode(model):
         for _, inputs, targets in bptt_windows(data, settings.dynamic_bptt, False, None):
             with torch.enable_grad():
                 loss, scored, state = score_window(model, inputs, targets, detach_state(state), device, amp)
@@ -126,9 +133,6 @@ def gradient_rms(model: nn.Module, train_tokens: Tensor, settings: EvalConfig, d
             windows += 1
             if settings.dynamic_stat_windows and windows >= settings.dynamic_stat_windows:
                 break
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
     return {name: (sq / windows).sqrt() for name, sq in squares.items()}
 
 
