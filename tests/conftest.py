@@ -155,6 +155,13 @@ def scaled(seconds: float) -> float:
     return seconds * TIMEOUT_SCALE
 
 
+def pytest_collection_modifyitems(items):
+    """A last line of defence (pytest-timeout): a test that hangs fails after 20 minutes, scaled, with every
+    thread's stack, instead of holding CI to its own limit. The tests' own waits are shorter and say more."""
+    for item in items:
+        item.add_marker(pytest.mark.timeout(scaled(1200)))
+
+
 def run_process(command: list[str], timeout: float = 900, **kwargs):
     """subprocess.run with captured text output and a generous, scaled time limit; a process that runs past it
     fails the test showing what it printed."""
