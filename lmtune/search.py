@@ -1,6 +1,7 @@
 """The searcher and the scheduler: Optuna (TPE, study in SQLite) chooses configs, ASHA stops weak trials."""
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -10,10 +11,13 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
+from lmcore import files
 from lmtune.folder import STUDY_FILE
+from lmtune.results import ray_folder
 from lmtune.schema import Experiment
 
 RAY_TRIAL_ID = "ray_trial_id"  # the user attribute of each Optuna trial naming its Ray trial
+RUNGS_FILE = "asha_rungs.json"  # in Ray's folder: what ASHA recorded at each rung (Ray loses it on a restore)
 
 
 class StudySearch(OptunaSearch):
@@ -108,9 +112,49 @@ def make_scheduler(exp: Experiment) -> TrialScheduler:
     s = exp.spec.scheduler
     if s.type == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(
-        time_attr="training_iteration",  # = epochs: one report per epoch
+    return StudyScheduler(
+        time_attr="epoch",  # not Ray's training_iteration, which a trial resumed from a checkpoint counts afresh
         max_t=s.max_epochs,
         grace_period=s.grace_period,
         reduction_factor=s.reduction_factor,
     )
+
+
+class StudyScheduler(ASHAScheduler):
+    """ASHA whose rungs survive a restore. Ray restores the scheduler as it was pickled when the study started
+    (ray-project/ray#30838): its rungs would be empty, and every trial still to run would pass them unjudged, to
+    the last epoch. So the rungs are saved with Ray's state after every result and read back on a restore."""
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save_rungs(trial)
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save_rungs(trial)
+
+    def _save_rungs(self, trial) -> None:
+        # Into the folder where Ray stages its own state: Ray copies it into the experiment folder with each of its
+        # snapshots, so the two agree after a kill (and a file written there directly, the copy would overwrite).
+        brackets = [[[milestone, recorded] for milestone, recorded in b._rungs] for b in self._brackets]
+        files.write_text(Path(trial.storage.experiment_driver_staging_path) / RUNGS_FILE,
+                         json.dumps({"brackets": brackets, "stopped": self._num_stopped}))
+
+    def resume(self, rungs_file: Path) -> None:
+        """Take back the rungs saved in `rungs_file` (none if no trial had reported yet)."""
+        if not rungs_file.is_file():
+            return
+        saved = json.loads(rungs_file.read_text())
+        for bracket, rungs in zip(self._brackets, saved["brackets"]):
+            for (milestone, recorded), (saved_milestone, saved_recorded) in zip(bracket._rungs, rungs):
+                if milestone == saved_milestone:
+                    recorded.update(saved_recorded)
+        self._num_stopped = saved["stopped"]
+
+
+def resume_scheduler(tuner, folder: Path) -> None:
+    """A restored Tuner's ASHA gets its rungs back (Ray has no public way to reach the scheduler)."""
+    scheduler = tuner._local_tuner._tune_config.scheduler
+    if isinstance(scheduler, StudyScheduler):
+        scheduler.resume(ray_folder(folder) / RUNGS_FILE)

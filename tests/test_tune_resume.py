@@ -1,18 +1,24 @@
 """Resume and grow: SIGKILL the driver (and its Ray) mid-experiment, run the same command again: completed trials
 are kept, unfinished ones continue, the total is as configured and the Optuna study stays consistent. Ctrl-C
-exits 130, and a finished or interrupted study grows with a larger `--set trials=N`, keeping every trial."""
+exits 130, and a finished or interrupted study grows with a larger `--set trials=N`, keeping every trial. ASHA
+keeps what it recorded at its rungs across a restore."""
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pandas as pd
+from ray.tune.schedulers import TrialScheduler
 
 from conftest import process_output, run_process, wait_for
 from lmtune import load_experiment, load_results, run_experiment
+from lmtune.results import ray_folder
+from lmtune.search import RUNGS_FILE, make_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -82,10 +88,17 @@ def test_killed_driver_resumes_with_the_same_command(tiny_experiment, tmp_path):
     assert optuna.trial.TrialState.RUNNING not in states
 
 
+def rung_records(folder: Path) -> set[tuple[int, str]]:
+    """(milestone, trial id) of every result ASHA has recorded, as saved in the experiment folder."""
+    saved = json.loads((ray_folder(folder) / RUNGS_FILE).read_text())
+    return {(m, t) for rungs in saved["brackets"] for m, recorded in rungs for t in recorded}
+
+
 def test_ctrl_c_exits_130_and_the_interrupted_study_grows(tiny_experiment, tmp_path):
-    # 8 trials: after the first completes, the rest cannot all finish before the Ctrl-C lands (with 4 they could).
+    # 8 trials: after the first ends, the rest cannot all finish before the Ctrl-C lands (with 4 they could).
     path = tiny_experiment("interrupt", fixed={"train.steps_per_epoch": 40},
-                           scheduler={"type": "fifo", "max_epochs": 4}, trials=8)
+                           scheduler={"type": "asha", "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
+                           trials=8)
     folder = path.parent / "results" / "interrupt"
     command = [sys.executable, str(REPO / "tune.py"), str(path), "--num-cpus", "2", "--no-dashboard"]
 
@@ -100,12 +113,36 @@ def test_ctrl_c_exits_130_and_the_interrupted_study_grows(tiny_experiment, tmp_p
             os.killpg(first.pid, signal.SIGKILL)
     assert first.returncode == 130, log.read_text()[-4000:]
     assert "run the same command again to resume" in log.read_text()
+    recorded = rung_records(folder)
 
     grown = run_process([*command, "--set", "trials=10"], cwd=REPO, env=ENV)
     assert grown.returncode == 0, process_output(grown.stdout, grown.stderr)
     assert "Growing interrupt from 8 to 10 trials" in grown.stdout
     trials = pd.read_csv(folder / "trials.csv")
-    assert len(trials) == 10 and (trials["status"] == "completed").all()
+    assert len(trials) == 10 and trials["status"].isin(["completed", "early-stopped"]).all()
+    # The resumed ASHA started from what it had recorded, not from empty rungs that it then saved over.
+    assert recorded and recorded < rung_records(folder)
+
+
+def test_asha_judges_a_resumed_studys_trials_by_what_it_recorded_before(tiny_experiment, tmp_path):
+    exp = load_experiment(tiny_experiment(
+        "rungs", scheduler={"type": "asha", "max_epochs": 4, "grace_period": 1, "reduction_factor": 2}))
+    started = make_scheduler(exp)
+    pickled = pickle.dumps(started)  # what Ray keeps when the study starts, and restores
+
+    def judge(scheduler, trial_id: str, valid_ppl: float) -> str:
+        trial = SimpleNamespace(trial_id=trial_id,  # what ASHA reads of a Ray trial
+                                storage=SimpleNamespace(experiment_driver_staging_path=str(tmp_path)))
+        scheduler.set_search_properties(exp.spec.metric, exp.spec.mode)
+        scheduler.on_trial_add(None, trial)
+        return scheduler.on_trial_result(None, trial, {"epoch": 1, exp.spec.metric: valid_ppl})
+
+    for i, valid_ppl in enumerate([100.0, 110.0, 120.0, 130.0]):
+        judge(started, f"t{i}", valid_ppl)
+    restored = pickle.loads(pickled)
+    restored.resume(tmp_path / RUNGS_FILE)
+    assert judge(restored, "late", 125.0) == TrialScheduler.STOP  # behind the median of the four before
+    assert judge(pickle.loads(pickled), "late", 125.0) == TrialScheduler.CONTINUE  # as Ray restores it: no rungs
 
 
 def test_a_finished_study_grows_and_keeps_every_trial(ray_session, tiny_experiment):
