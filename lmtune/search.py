@@ -145,12 +145,18 @@ class StudyScheduler(ASHAScheduler):
         """Take back the rungs saved in `rungs_file` (none if no trial had reported yet)."""
         if not rungs_file.is_file():
             return
-        saved = json.loads(rungs_file.read_text())
-        for bracket, rungs in zip(self._brackets, saved["brackets"]):
-            for (milestone, recorded), (saved_milestone, saved_recorded) in zip(bracket._rungs, rungs):
-                if milestone == saved_milestone:
-                    recorded.update(saved_recorded)
-        self._num_stopped = saved["stopped"]
+        try:
+            saved = json.loads(rungs_file.read_text())
+            brackets = [{float(m): {str(t): float(v) for t, v in recorded.items()} for m, recorded in rungs}
+                        for rungs in saved["brackets"]]
+            stopped = int(saved["stopped"])
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            print(f"{rungs_file}: unreadable ({type(err).__name__}); ASHA judges the remaining trials among themselves")
+            return
+        for bracket, saved_rungs in zip(self._brackets, brackets):
+            for milestone, recorded in bracket._rungs:
+                recorded.update(saved_rungs.get(float(milestone), {}))
+        self._num_stopped = stopped
 
 
 def resume_scheduler(tuner, folder: Path) -> None:

@@ -160,3 +160,13 @@ def test_a_finished_study_grows_and_keeps_every_trial(ray_session, tiny_experime
     study = optuna.load_study(study_name="grow", storage=f"sqlite:///{exp.folder / 'optuna.db'}")
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 3
     assert load_experiment(path, ["trials=3"]).spec.trials == 3  # the snapshot now says 3: resumable as such
+
+
+def test_a_damaged_rungs_file_is_named_and_the_rungs_start_empty(tiny_experiment, tmp_path, capsys):
+    exp = load_experiment(tiny_experiment("rungs", scheduler={"type": "asha", "max_epochs": 4}))
+    for text in ["{", '{"brackets": [[[1.0, {"t0": "x"}]]], "stopped": 0}', '{"brackets": [[[1.0, [1]]]]}']:
+        (tmp_path / RUNGS_FILE).write_text(text)
+        scheduler = make_scheduler(exp)
+        scheduler.resume(tmp_path / RUNGS_FILE)
+        assert f"{tmp_path / RUNGS_FILE}: unreadable" in capsys.readouterr().out
+        assert all(not recorded for bracket in scheduler._brackets for _, recorded in bracket._rungs)
