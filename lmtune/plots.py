@@ -165,8 +165,12 @@ def comparison(results: list[Results]) -> Figure:
                                  ("Best valid perplexity", "Test perplexity of that checkpoint")):
         wide = table.pivot_table(index="dataset", columns="family", values=column, aggfunc="min")
         if wide.notna().any().any():
-            wide.plot.bar(ax=ax, rot=0)
+            wide.plot.bar(ax=ax, rot=0, legend=False)
+            for bars in ax.containers:  # the numbers, so that close families can be told apart
+                ax.bar_label(bars, fmt="%.1f", fontsize="small")
         ax.set(title=f"{title} per family and dataset", xlabel="dataset", ylabel="perplexity (lower is better)")
+    if handles := ax.get_legend_handles_labels()[0]:
+        fig.legend(handles, ax.get_legend_handles_labels()[1], title="family", loc="outside right upper")
     return fig
 
 

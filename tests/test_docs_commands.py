@@ -68,7 +68,8 @@ STUDY_LOOP = ("for family in mogrify lstm transformer; do python tune.py experim
               "--no-dashboard; done")
 SEED_LOOP = ("for family in mogrify lstm transformer; do python tune.py export-best results/ptb_2m65_$family --out "
              "ptb_${family}_best.yaml --force; for seed in 1 2 3; do python -m lmcore train --run-name "
-             "ptb_${family}_seed$seed --config ptb_${family}_best.yaml --set train.seed=$seed; done; done")
+             "ptb_${family}_seed$seed --config ptb_${family}_best.yaml --set train.seed=$seed --set train.threads=1; "
+             "done; done")
 SEED_LOOP_TINY = (SEED_LOOP.replace("mogrify lstm transformer", "mogrify").replace("1 2 3", "1")  # one of each
                   .replace("results/ptb_2m65_$family", "{tiny}")
                   .replace(" ptb_${family}_best", " {tmp}/ptb_${family}_best")
