@@ -287,3 +287,14 @@ def test_the_table_has_no_stale_lines():
 def test_run_step_reports_a_failing_command(tmp_path, capsys):
     with pytest.raises(AssertionError, match="no_such_script.py"):
         run_step("python no_such_script.py", tmp_path, capsys)
+
+
+def test_every_linked_file_and_figure_is_in_the_repository():
+    """A figure or file that README.md or docs/ link to exists in a clean clone (not ignored, e.g. by results/)."""
+    missing = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            path = target.split("#")[0]
+            if path and not re.match(r"[a-z]+:", path) and not (doc.parent / path).exists():
+                missing.append(f"{doc.relative_to(REPO)}: {target}")
+    assert not missing, "links to nothing:\n" + "\n".join(missing)
