@@ -169,8 +169,9 @@ def comparison(results: list[Results]) -> Figure:
             for bars in ax.containers:  # the numbers, so that close families can be told apart
                 ax.bar_label(bars, fmt="%.1f", fontsize="small")
         ax.set(title=f"{title} per family and dataset", xlabel="dataset", ylabel="perplexity (lower is better)")
-    if handles := ax.get_legend_handles_labels()[0]:
-        fig.legend(handles, ax.get_legend_handles_labels()[1], title="family", loc="outside right upper")
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, title="family", loc="outside right upper")
     return fig
 
 

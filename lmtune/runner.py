@@ -10,7 +10,7 @@ from lmtune import ray_guard
 from lmtune.folder import STUDY_FILE, FolderLock, Plan, check_folder, prepare_folder
 from lmtune.results import RAY_FOLDER, ray_folder
 from lmtune.schema import Experiment, ExperimentError
-from lmtune.search import make_scheduler, make_searcher, resume_scheduler, set_trials
+from lmtune.search import make_scheduler, make_searcher, restore_study
 
 _guard = None  # the process that kills what is left of the Ray we started, when we exit however we exit
 
@@ -66,8 +66,7 @@ def _fit(exp: Experiment, plan: Plan, started: bool) -> bool:
         else:
             print(f"Resuming {exp.name}: finished trials are kept, unfinished ones continue from their checkpoints.")
         tuner = tune.Tuner.restore(str(ray_folder(folder)), trainable, resume_unfinished=True, resume_errored=False)
-        set_trials(tuner, exp.spec.trials)
-        resume_scheduler(tuner, folder)
+        restore_study(tuner, exp.spec.trials, folder)
     else:
         tuner = tune.Tuner(
             trainable,

@@ -69,15 +69,6 @@ class StudyTrials(SearchGenerator):
         self._finished = False
 
 
-def set_trials(tuner, trials: int) -> None:
-    """The number of trials of a restored Tuner's study (Ray has no public way to change it)."""
-    config = tuner._local_tuner._tune_config
-    if isinstance(config.search_alg, StudyTrials):
-        config.search_alg.trials = trials
-    else:  # a run started before StudyTrials: its bare searcher, which Ray wraps in a SearchGenerator
-        config.search_alg = StudyTrials(config.search_alg, trials)
-
-
 def make_searcher(exp: Experiment, folder: Path, max_concurrent: int) -> StudyTrials:
     """Optuna's study in `folder`, asked for at most `max_concurrent` trials at once, `exp.spec.trials` in all."""
     return StudyTrials(ConcurrencyLimiter(make_study(exp, folder), max_concurrent=max_concurrent), exp.spec.trials)
@@ -159,8 +150,16 @@ class StudyScheduler(ASHAScheduler):
         self._num_stopped = stopped
 
 
-def resume_scheduler(tuner, folder: Path) -> None:
-    """A restored Tuner's ASHA gets its rungs back (Ray has no public way to reach the scheduler)."""
-    scheduler = tuner._local_tuner._tune_config.scheduler
-    if isinstance(scheduler, StudyScheduler):
-        scheduler.resume(ray_folder(folder) / RUNGS_FILE)
+def restore_study(tuner, trials: int, folder: Path) -> None:
+    """A restored Tuner's study gets its new trial count and its ASHA rungs back.
+
+    Ray restores the searcher and the scheduler as pickled when the study began, and has no public way to reach
+    them, so this is the one place that touches its private Tuner config.
+    """
+    config = tuner._local_tuner._tune_config
+    if isinstance(config.search_alg, StudyTrials):
+        config.search_alg.trials = trials
+    else:  # a run started before StudyTrials: its bare searcher, which Ray wraps in a SearchGenerator
+        config.search_alg = StudyTrials(config.search_alg, trials)
+    if isinstance(config.scheduler, StudyScheduler):
+        config.scheduler.resume(ray_folder(folder) / RUNGS_FILE)
