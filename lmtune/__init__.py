@@ -6,8 +6,10 @@
     results = load_results(exp.folder)          # pandas DataFrames
     results.trials.sort_values("best_valid_ppl").head()
     from lmtune import plots; plots.learning_curves(results)   # matplotlib Figures
+    runs = load_runs(["runs/a_seed1", "runs/a_seed2"]); seed_groups(runs)   # single lmcore runs, mean ± sd
 """
 from lmtune.results import Results, compare_frame, load_results, results_frame
+from lmtune.runs import load_runs, seed_groups
 from lmtune.schema import Experiment, ExperimentError, load_experiment
 
 __all__ = [
@@ -17,8 +19,10 @@ __all__ = [
     "compare_frame",
     "load_experiment",
     "load_results",
+    "load_runs",
     "results_frame",
     "run_experiment",
+    "seed_groups",
 ]
 
 

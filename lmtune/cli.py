@@ -5,6 +5,7 @@
     python tune.py report results/ptb_mogrify             # tables + test evaluation of the best checkpoints
     python tune.py compare results/ptb_mogrify results/ptb_lstm results/ptb_transformer
     python tune.py export-best results/ptb_mogrify --out best.yaml   # for: python -m lmcore train --config best.yaml
+    python tune.py runs runs/ptb_lstm_seed1 runs/ptb_lstm_seed2 runs/ptb_lstm_seed3   # single runs, mean ± sd
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from lmcore.data import DataError
 from lmcore.exitcodes import ExitCode
 from lmtune.schema import Experiment, ExperimentError, load_experiment
 
-COMMANDS = ("run", "check", "report", "compare", "export-best")
+COMMANDS = ("run", "check", "report", "compare", "export-best", "runs")
 WIDTH_DRAWS = 16  # random draws of the space over which `check` shows each family's width
 MANAGED_PER_TRIAL = ("train.threads", "train.device", "train.progress")  # the tuner's choices, not the recipe's
 
@@ -160,6 +161,18 @@ def export_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def runs_command(args: argparse.Namespace) -> int:
+    """The table of single lmcore runs, and per config the mean ± standard deviation over its seeds."""
+    from lmtune.runs import RUN_COLUMNS, load_runs, seed_groups
+    from lmtune.tables import markdown
+
+    runs = load_runs(args.folders)
+    print(markdown(runs[RUN_COLUMNS]))
+    print("\nper config (runs equal apart from the seed), over its finished runs: mean and sample standard deviation")
+    print(markdown(seed_groups(runs)))
+    return 0
+
+
 def _print_summary(folder: Path, summary: dict) -> None:
     """The table of what `report` just wrote, from the summary it returned."""
     from lmtune.results import summary_frame
@@ -220,6 +233,11 @@ def _parser() -> argparse.ArgumentParser:
     export_parser.add_argument("--out", default="best.yaml", help="the YAML file to write (default: best.yaml)")
     export_parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     export_parser.set_defaults(handler=export_best)
+
+    runs_parser = commands.add_parser("runs", help="a table of single runs of `python -m lmcore train`, with the "
+                                      "mean ± sd over seeds of each config")
+    runs_parser.add_argument("folders", nargs="+", metavar="RUN_FOLDER", help="runs/NAME folders")
+    runs_parser.set_defaults(handler=runs_command)
     return parser
 
 

@@ -83,6 +83,14 @@ SMALL_SEEDS = ("for seed in 2 3; do python -m lmcore train --run-name small_lstm
 RESULTS_MOG = "python tune.py export-best results/ptb_2m65_mogrify --out ptb_mogrify_best.yaml"
 RESULTS_TRANSFORMER = "python tune.py export-best results/ptb_2m65_transformer --out ptb_transformer_best.yaml"
 QUICKSTART_BEST = "python tune.py export-best results/quickstart --family mogrifier --out best.yaml"
+QUICKSTART_BEST_TINY = QUICKSTART_BEST.replace("results/quickstart", "{tiny}").replace("best.yaml", "{tmp}/qs.yaml")
+QUICKSTART_SEEDS = ("for seed in 1 2 3; do python -m lmcore train --run-name quickstart_seed$seed --config best.yaml "
+                    "--set train.seed=$seed; done")
+QUICKSTART_SEEDS_TINY = (QUICKSTART_SEEDS.replace("1 2 3", "1 2").replace("best.yaml", "{tmp}/qs.yaml")
+                         .replace("--run-name", "--runs-dir {tmp}/runs --run-name"))
+SEED_TABLE = "python tune.py runs runs/ptb_{mogrify,lstm,transformer}_seed{1,2,3}"
+BEST_SEEDS_TINY = tuple(f"python -m lmcore train --run-name best_seed{s} --config {{tmp}}/best.yaml --set train.seed={s} "
+                        "--runs-dir {tmp}/runs" for s in (1, 2))
 
 # documented command -> how it is run here. One line per command.
 HOW: dict[str, Run | Skip] = {
@@ -96,6 +104,9 @@ HOW: dict[str, Run | Skip] = {
     "python tune.py report results/ptb_mogrify": Run(("python tune.py report {tiny}",)),
     "python tune.py compare results/ptb_mogrify results/ptb_lstm results/ptb_transformer":
         Run(("python tune.py compare {tiny} {tiny} {tiny} --out {tmp}/comparison",)),
+    "python tune.py runs runs/best_seed1 runs/best_seed2 runs/best_seed3":
+        Run(("python tune.py export-best {tiny} --out {tmp}/best.yaml", *BEST_SEEDS_TINY,
+             "python tune.py runs {tmp}/runs/best_seed1 {tmp}/runs/best_seed2")),
     README_TRAIN: plus(README_TRAIN, TINY_TRAIN),
     "python -m lmcore evaluate --run-name mog --batch-size 1":
         Run((f"{README_TRAIN} {TINY_TRAIN}", "python -m lmcore evaluate --run-name mog --batch-size 200 --runs-dir "
@@ -184,11 +195,15 @@ HOW: dict[str, Run | Skip] = {
     "python tune.py compare results/ptb_2m65_mogrify results/ptb_2m65_lstm results/ptb_2m65_transformer --out "
     "docs/results/ptb_2m65": Run(("python tune.py compare {tiny} {tiny} {tiny} --out {tmp}/ptb_2m65",)),
     SEED_LOOP: Run((SEED_LOOP_TINY,)),
+    SEED_TABLE: Run((SEED_LOOP_TINY, "python tune.py runs {tmp}/runs/ptb_mogrify_seed1")),
     # docs/tuning.md
-    QUICKSTART_BEST:
-        Run((QUICKSTART_BEST.replace("results/quickstart", "{tiny}").replace("best.yaml", "{tmp}/qs.yaml"),)),
+    QUICKSTART_SEEDS: Run((QUICKSTART_BEST_TINY, QUICKSTART_SEEDS_TINY)),
+    "python tune.py runs runs/quickstart_seed1 runs/quickstart_seed2 runs/quickstart_seed3":
+        Run((QUICKSTART_BEST_TINY, QUICKSTART_SEEDS_TINY,
+             "python tune.py runs {tmp}/runs/quickstart_seed1 {tmp}/runs/quickstart_seed2")),
+    QUICKSTART_BEST: Run((QUICKSTART_BEST_TINY,)),
     "python -m lmcore train --run-name quickstart_best --config best.yaml --set train.epochs=12 --set train.seed=2":
-        Run((QUICKSTART_BEST.replace("results/quickstart", "{tiny}").replace("best.yaml", "{tmp}/qs.yaml"),
+        Run((QUICKSTART_BEST_TINY,
              "python -m lmcore train --run-name quickstart_best --config {tmp}/qs.yaml --set train.epochs=12 --set "
              "train.seed=2 --set train.epochs=1 --runs-dir {tmp}/runs")),
 }
