@@ -24,7 +24,7 @@ from lmcore.cli import positive_int
 from lmcore.config import error_lines, make_config
 from lmcore.exitcodes import ExitCode
 from lmcore.files import read_yaml
-from lmcore.train import make_optimizer, resolve_device, seed_everything, train_epoch
+from lmcore.train import make_optimizer, resolve_device, reuse_freed_memory, seed_everything, train_epoch
 
 
 class Trainee:
@@ -33,6 +33,7 @@ class Trainee:
     def __init__(self, path: str, steps: int):
         self.name = path
         self.config = make_config(read_yaml(path), {"train.steps_per_epoch": steps, "train.progress": False})
+        reuse_freed_memory()  # as lmcore.train does
         corpus = load_corpus(self.config.data.name, self.config.data.dir)
         seed_everything(self.config.train.seed)
         self.device = resolve_device(self.config.train.device)
