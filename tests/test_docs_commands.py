@@ -76,6 +76,11 @@ SEED_LOOP_TINY = (SEED_LOOP.replace("mogrify lstm transformer", "mogrify").repla
                   .replace("--run-name", "--runs-dir {tmp}/runs --run-name"))
 REF_LOOP = ("for f in lstm mogrifier transformer; do python -m lmcore train --run-name ptb_2m65_$f --config "
             "configs/ptb_2m65_$f.yaml; done")
+WT2_LSTM = ("python -m lmcore train --run-name wt2_7m33_lstm --config configs/ptb_2m65_lstm.yaml --set "
+            "data.name=wikitext-2")
+WT2_LOOP = ("for f in mogrifier transformer; do python -m lmcore train --run-name wt2_7m33_$f --config "
+            "configs/ptb_2m65_$f.yaml --set data.name=wikitext-2 --set model.params_budget=7332078; done")
+WT2_TINY = SMALL.replace("200000", "400000")  # WikiText-2's 33k-word embedding needs a larger budget than PTB's
 FAMILY_SPEED = ("python benchmarks/family_speed.py configs/ptb_2m65_lstm.yaml configs/ptb_2m65_mogrifier.yaml "
                 "configs/ptb_2m65_transformer.yaml --steps 20 --rounds 3")
 SMALL_SEEDS = ("for seed in 2 3; do python -m lmcore train --run-name small_lstm_seed$seed --config "
@@ -179,6 +184,8 @@ HOW: dict[str, Run | Skip] = {
              f"{SMALL} {ON_MARKOV}".replace("{tmp}/runs", "{tmp}/markov"),  # {tmp}/runs has a PTB one
              "python -m lmcore evaluate --run-name small_transformer --dynamic --set eval.dynamic_stat_windows=100 "
              "--runs-dir {tmp}/markov")),
+    WT2_LSTM: plus(WT2_LSTM, WT2_TINY),
+    WT2_LOOP: Run((WT2_LOOP.replace("7332078;", f"7332078 {WT2_TINY};"),)),
     SMALL_SEEDS: Run((SMALL_SEEDS.replace("2 3", "2").replace("seed=$seed;", f"seed=$seed {SMALL};"),)),
     FAMILY_SPEED: plus(FAMILY_SPEED, "--steps 2 --rounds 1"),
     RESULTS_MOG: Run(("python tune.py export-best {tiny} --out {tmp}/ptb_mogrify_best.yaml",)),
