@@ -141,6 +141,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         result = run_process([sys.executable, "-c", script, mode], cwd=REPO_ROOT, timeout=300)
         assert result.returncode == 0, process_output(result.stdout, result.stderr)
         faults[mode] = int(result.stdout.split()[-1])
-    pages = 10 * 20 * 35 * 33278 * 4 // 4096
-    assert faults["default"] > pages / 2, faults  # glibc's default: every block faults in afresh
-    assert faults["reuse"] < pages / 20, faults
+    block = 20 * 35 * 33278 * 4 // 4096  # pages
+    assert faults["default"] > 8 * block, faults  # glibc's default: every block faults in afresh
+    assert faults["reuse"] < 2 * block, faults  # reused (one re-fault was seen in CI: the heap may move once)
