@@ -169,7 +169,8 @@ def runs_command(args: argparse.Namespace) -> int:
     runs = load_runs(args.folders)
     print(markdown(runs[RUN_COLUMNS]))
     print("\nper config (runs equal apart from the seed), over its finished runs: mean and sample standard deviation")
-    print(markdown(seed_groups(runs)))
+    groups = seed_groups(runs)
+    print(markdown(groups) if len(groups) else "(no finished run: each is listed above with its best valid so far)")
     return 0
 
 

@@ -33,6 +33,11 @@ def load_runs(paths: list[str | Path]) -> pd.DataFrame:
 
     valid_ppl and test_ppl are final.json's (the best checkpoint, scored after training); a run without one
     (unfinished, or stopped) shows its best valid perplexity so far and no test perplexity."""
+    first: dict[Path, str] = {}
+    for path in map(str, paths):  # a run counted twice would shrink its config's standard deviation
+        if (folder := Path(path).resolve()) in first:
+            raise ExperimentError(f"{path}: given twice (also as {first[folder]}); each run counts once")
+        first[folder] = path
     return pd.DataFrame([read_run(Path(p)) for p in paths], columns=[*RUN_COLUMNS, "recipe"])
 
 

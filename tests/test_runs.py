@@ -50,6 +50,19 @@ def test_seeds_of_one_config_are_grouped_and_others_are_not(tmp_path):
     assert groups.iloc[1]["test_ppl_mean"] == 140 and groups.iloc[1]["test_ppl_sd"] != groups.iloc[1]["test_ppl_sd"]
 
 
+def test_a_run_given_twice_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_run(tmp_path / "r1", valid=110, test=105)
+    assert main(["runs", "r1", str(tmp_path / "r1")]) == ExitCode.BAD_INPUT
+    assert f"{tmp_path / 'r1'}: given twice (also as r1)" in capsys.readouterr().err
+
+
+def test_unfinished_runs_only_are_listed_without_means(tmp_path, capsys):
+    assert main(["runs", str(make_run(tmp_path / "r1", valid=110, test=None))]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert "| r1 | lstm | 1111 |" in out and "(no finished run" in out
+
+
 def test_the_command_prints_both_tables(tmp_path, capsys):
     folders = [str(make_run(tmp_path / f"r{s}", valid=110 + s, test=105 + s, **{"train.seed": s})) for s in (1, 2)]
     assert main(["runs", *folders]) == ExitCode.OK
