@@ -41,7 +41,7 @@ from .config import (
 )
 from .data import Corpus, DataError, load_corpus
 from .dynamic import choose_and_test
-from .exitcodes import ExitCode
+from .exitcodes import ExitCode, quiet_when_output_closes
 from .train import check_fits, evaluate_checkpoint, resolve_device, train
 
 log = logging.getLogger("lmcore")
@@ -402,6 +402,7 @@ def dynamic_settings(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+@quiet_when_output_closes
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.setLevel(logging.INFO)  # also when the caller configured logging already (train.log needs these lines)

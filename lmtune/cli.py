@@ -17,7 +17,7 @@ from pathlib import Path
 from lmcore import files
 from lmcore.config import Config, make_config
 from lmcore.data import DataError
-from lmcore.exitcodes import ExitCode
+from lmcore.exitcodes import ExitCode, quiet_when_output_closes
 from lmtune.schema import Experiment, ExperimentError, load_experiment
 
 COMMANDS = ("run", "check", "report", "compare", "export-best", "runs")
@@ -25,6 +25,7 @@ WIDTH_DRAWS = 16  # random draws of the space over which `check` shows each fami
 MANAGED_PER_TRIAL = ("train.threads", "train.device", "train.progress")  # the tuner's choices, not the recipe's
 
 
+@quiet_when_output_closes
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):

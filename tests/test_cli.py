@@ -12,6 +12,7 @@ import yaml
 from conftest import REPO_ROOT
 from lmcore import cli
 from lmcore.cli import main, translate_seed_argv
+from lmcore.exitcodes import ExitCode
 
 TINY = ["--dataset", "text", "--hidden-size", "16", "--depth", "1", "--train.epochs", "2",
         "--data.batch_size", "8", "--data.bptt", "10", "--set", "optim.lr=0.01"]
@@ -209,3 +210,31 @@ def test_console_scripts_and_python_m_lmtune():
                               cwd=REPO_ROOT, timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr
         assert "usage:" in done.stdout
+
+
+
+def closed_pipe_run(*args: str) -> subprocess.Popen:
+    """Run a command as `... | head` does once head has gone: every write to stdout fails with EPIPE."""
+    child = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    child.stdout.close()  # the only reader
+    try:
+        _, child.err = child.communicate(timeout=600)
+    finally:
+        child.kill()
+    return child
+
+
+@pytest.mark.parametrize("command", [["tune.py"], ["-m", "lmtune"]])
+def test_tune_output_into_a_closed_pipe_ends_quietly(command):
+    child = closed_pipe_run(*command, "check", "experiments/quickstart.yaml")
+    assert child.returncode == ExitCode.CLOSED_PIPE, child.err
+    assert child.err == ""
+
+
+def test_lmcore_output_into_a_closed_pipe_ends_quietly(markov_corpus_dir, tmp_path):
+    argv = ["train", "--run-name", "r", "--runs-dir", str(tmp_path), "--data.dir", str(markov_corpus_dir), *TINY]
+    assert main(argv) == 0
+    child = closed_pipe_run("-m", "lmcore", "evaluate", "--run-name", "r", "--runs-dir", str(tmp_path))
+    assert child.returncode == ExitCode.CLOSED_PIPE, child.err
+    assert "Error" not in child.err and "Traceback" not in child.err, child.err
