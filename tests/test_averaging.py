@@ -62,20 +62,30 @@ def test_asgd_starts_when_validation_stops_improving_then_averages_uniformly():
     assert torch.equal(model.weight.detach(), raw)  # the training weights are back, bitwise
 
 
-def test_average_state_round_trips():
-    model, optimizer, averager = setup("ema", ema_decay=0.5)
-    for _ in range(3):
+@pytest.mark.parametrize("average", ["ema", "asgd"])
+def test_average_state_round_trips(average):
+    """Saved as a checkpoint saves it and loaded as resume loads it, the averager continues exactly."""
+    model, optimizer, averager = setup(average, ema_decay=0.5, asgd_nonmono=1)
+    for loss in [4.0, 5.0, 4.5]:  # asgd: 4.5 is worse than 4.0, the best but the last epoch: the average starts
         step(model, optimizer)
+        averager.end_epoch(loss)
+    step(model, optimizer)
+    assert averager.average is not None and averager.count == (2 if average == "asgd" else 5)
     with averager.applied(model) as state:
         saved = {k: v.clone() for k, v in model.state_dict().items()}
-    other, _, restored = setup("ema", ema_decay=0.5)
+    other, other_optimizer, restored = setup(average, ema_decay=0.5, asgd_nonmono=1)
     other.load_state_dict(saved)
     restored.load(state)
     assert torch.equal(other.weight, model.weight)  # training weights
+    for net, opt, averaged in ((model, optimizer, averager), (other, other_optimizer, restored)):
+        torch.manual_seed(1)
+        step(net, opt)
+        averaged.end_epoch(3.0)
+    assert (restored.count, restored.history) == (averager.count, averager.history)
     with averager.applied(model), restored.applied(other):
         assert torch.equal(other.weight, model.weight)  # averages
-    with pytest.raises(ValueError, match="optim.average='ema'"):
-        setup("asgd")[2].load(state)
+    with pytest.raises(ValueError, match=f"optim.average='{average}'"):
+        setup("ema" if average == "asgd" else "asgd")[2].load(state)
 
 
 def test_validation_and_checkpoint_use_the_averaged_weights(markov_corpus_dir, tmp_path):
