@@ -16,6 +16,16 @@ def test_there_are_configs():
     assert {p.stem for p in CONFIGS} >= {"ptb_mogrifier_paper", "wt2_mogrifier_paper", "small_transformer"}
 
 
+
+@pytest.mark.parametrize("name,rounds,rank,mixtures", [("ptb", 5, 84, 1), ("wt2", 6, 48, 2)])
+def test_the_paper_configs_are_the_authors_tuned_ones(name, rounds, rank, mixtures):
+    """deepmind/lamb's tuned Mogrifiers: rounds, rank and softmax mixtures; Adam with beta1 0, batch 64, BPTT 70."""
+    config = load(CONFIGS[0].parent / f"{name}_mogrifier_paper.yaml")
+    m = config.model
+    assert (m.family, m.layers, m.rounds, m.rank, m.softmax_mixtures) == ("mogrifier", 2, rounds, rank, mixtures)
+    assert (config.optim.name, config.optim.beta1, config.data.batch_size, config.data.bptt) == ("adam", 0, 64, 70)
+
+
 def load(path: Path):
     return make_config({}, flatten(yaml.safe_load(path.read_text())))
 

@@ -1,9 +1,14 @@
 """An experiment's `start_from`: known configurations the study tries first, validated like the space."""
-import pytest
+from pathlib import Path
 
+import pytest
+import yaml
+
+from lmcore.config import flatten, make_config
 from lmtune.schema import ExperimentError, load_experiment
 from lmtune.search import make_study
 
+ROOT = Path(__file__).resolve().parent.parent
 PAPER = {"model.family": "mogrifier", "model.rounds": 3, "optim.lr": 2e-3}
 
 
@@ -40,3 +45,15 @@ def test_bad_start_points_are_named(tiny_experiment, point, message):
         load_experiment(tiny_experiment(start_from=[point]))
     assert message in str(err.value)
     assert "tiny.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("dataset", ["ptb", "wt2"])
+def test_the_paper_scale_mogrifier_studies_start_from_the_papers_tuned_config(dataset):
+    """experiments/{ptb,wt2}_mogrify.yaml try configs/*_mogrifier_paper.yaml's searched settings first."""
+    exp = load_experiment(ROOT / "experiments" / f"{dataset}_mogrify.yaml")
+    paper = make_config({}, flatten(yaml.safe_load((ROOT / "configs" / f"{dataset}_mogrifier_paper.yaml").read_text())))
+    (point,) = exp.start_points
+    assert set(point) == set(exp.space.names()) - {"model.family"}  # every searched setting
+    for name, value in point.items():
+        assert value == pytest.approx(paper.flat()[name], rel=1e-2), name
+    assert exp.base.model.softmax_mixtures == paper.model.softmax_mixtures
