@@ -22,7 +22,16 @@ import pandas as pd
 import yaml
 
 from lmcore import files
-from lmtune.results import COMPARE_COLUMNS, FAMILY_COLUMNS, SUMMARY_FILE, Results, compare_frame, load_results
+from lmtune.results import (
+    COMPARE_COLUMNS,
+    DYNAMIC_COLUMN,
+    FAMILY_COLUMNS,
+    SUMMARY_FILE,
+    Results,
+    compare_frame,
+    load_results,
+    with_columns,
+)
 from lmtune.schema import ReportSpec
 from lmtune.tables import markdown, write_table
 from lmtune.trainable import CHECKPOINT_FILE
@@ -36,11 +45,11 @@ def report(folder: str | Path, evaluate: bool = True) -> dict[str, Any]:
     folder = results.folder
     top_k = (results.experiment.report if results.experiment else ReportSpec()).top_k
     families = results.best_per_family()
-    dynamic = results.experiment.report.dynamic if results.experiment else False  # adds dynamic_test_ppl
+    dynamic = results.experiment.report.dynamic if results.experiment else False  # adds DYNAMIC_COLUMN
     evals = final_evaluation(results, families["trial_id"].tolist(), dynamic) if evaluate else {}
-    for column in ["valid_ppl", "test_ppl"] + ["dynamic_test_ppl"] * dynamic:
+    for column in ["valid_ppl", "test_ppl"] + [DYNAMIC_COLUMN] * dynamic:
         families[column] = families["trial_id"].map(lambda t, c=column: evals.get(t, {}).get(c, math.nan))
-    families = families[FAMILY_COLUMNS + ["dynamic_test_ppl"] * dynamic]
+    families = families[FAMILY_COLUMNS + [DYNAMIC_COLUMN] * dynamic]
 
     write_table(results.trials, folder, "trials")
     write_table(results.top(top_k), folder, "top_k", parquet=False)
@@ -76,7 +85,7 @@ def final_evaluation(results: Results, trial_ids: list[str], dynamic: bool = Fal
             print(f"Evaluating the best checkpoint of trial {trial_id} on valid and test: {key}")
             cache[key] = evaluate_checkpoint(checkpoint / CHECKPOINT_FILE)
             files.write_text(cache_file, json.dumps(cache, indent=2) + "\n")
-        if dynamic and "dynamic_test_ppl" not in cache[key]:
+        if dynamic and DYNAMIC_COLUMN not in cache[key]:
             from lmcore.dynamic import choose_and_test
 
             print(f"Dynamic evaluation of trial {trial_id} (lr and decay chosen on valid, then test once): {key}")
@@ -102,7 +111,7 @@ def compare(folders: list[str | Path]) -> pd.DataFrame:
     for folder in folders:
         if not (Path(folder) / SUMMARY_FILE).exists():
             report(folder)
-    return compare_frame(folders)[COMPARE_COLUMNS]
+    return with_columns(compare_frame(folders), COMPARE_COLUMNS)
 
 
 def _summary(results: Results, families: pd.DataFrame, evals: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -31,6 +31,7 @@ ENDED = ("completed", "early-stopped", "diverged", "error")  # a trial in any ot
 # The tables' columns, defined once: each family's best trial, and the same over several experiments.
 FAMILY_COLUMNS = ["family", "trial_id", "params", "best_valid_ppl", "valid_ppl", "test_ppl", "trials", "compute_h"]
 COMPARE_COLUMNS = ["experiment", "dataset", *FAMILY_COLUMNS]
+DYNAMIC_COLUMN = "dynamic_test_ppl"  # with report.dynamic: each family's best under dynamic evaluation
 
 
 @dataclass(repr=False)
@@ -77,7 +78,7 @@ class Results:
     def family_table(self) -> pd.DataFrame:
         """FAMILY_COLUMNS: the reported table (with test perplexity) once `tune.py report` ran, else one without."""
         if self.summary.get("families"):
-            return pd.DataFrame(self.summary["families"]).reindex(columns=FAMILY_COLUMNS)
+            return with_columns(pd.DataFrame(self.summary["families"]), FAMILY_COLUMNS)
         return self.best_per_family().reindex(columns=FAMILY_COLUMNS)
 
     def config(self, trial_id: str) -> Config:
@@ -143,7 +144,13 @@ def results_frame(runs: list[Results]) -> pd.DataFrame:
     tables = [r.family_table().assign(experiment=r.name, dataset=r.experiment.dataset if r.experiment else None)
               for r in runs]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COMPARE_COLUMNS)
-    return table[COMPARE_COLUMNS].sort_values(["dataset", "best_valid_ppl"], kind="stable", ignore_index=True)
+    return with_columns(table, COMPARE_COLUMNS).sort_values(["dataset", "best_valid_ppl"], kind="stable",
+                                                            ignore_index=True)
+
+
+def with_columns(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """`table`'s `columns` in order, then its dynamic-evaluation column if it has one."""
+    return table.reindex(columns=columns + [DYNAMIC_COLUMN] * (DYNAMIC_COLUMN in table))
 
 
 def summary_frame(summaries: list[dict[str, Any]]) -> pd.DataFrame:

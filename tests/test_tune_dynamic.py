@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from conftest import write_tiny_experiment
+from lmtune import load_results
+from lmtune.report import compare
 
 REPO = Path(__file__).resolve().parent.parent
 START = {"model.family": "lstm", "optim.lr": 5e-3}
@@ -30,3 +32,6 @@ def test_seeded_study_with_a_dynamic_evaluation_column(tmp_path, markov_corpus_d
     assert "dynamic_test_ppl" in families and families["dynamic_test_ppl"].between(1, 100).all()
     cached = json.loads((folder / "final_eval.json").read_text())
     assert all({"dynamic_valid_ppl", "dynamic_lr", "dynamic_decay"} <= set(e) for e in cached.values())
+    # the column stays in the tables read back and in `tune.py compare`'s
+    assert load_results(folder).family_table()["dynamic_test_ppl"].tolist() == families["dynamic_test_ppl"].tolist()
+    assert compare([folder])["dynamic_test_ppl"].tolist() == families["dynamic_test_ppl"].tolist()
