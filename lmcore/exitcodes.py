@@ -1,6 +1,7 @@
 """The exit codes of both command lines (`python -m lmcore`, `tune.py`), decided once, and how they end."""
 import functools
 import os
+import select
 import sys
 from collections.abc import Callable
 from enum import IntEnum
@@ -16,19 +17,42 @@ class ExitCode(IntEnum):
 
 
 def quiet_when_output_closes(main: Callable[..., int]) -> Callable[..., int]:
-    """A command line's main, ending quietly with CLOSED_PIPE when the reader of stdout goes away (`| head`).
+    """A command line's main, ending quietly when the reader of stdout goes away (`| head`): with CLOSED_PIPE
+    if it had succeeded, else with its own code. Any other error, a broken pipe elsewhere included, is raised.
 
     Python ignores SIGPIPE, so without this a command piped into head ends with a BrokenPipeError traceback.
     """
     @functools.wraps(main)
     def guarded(*args, **kwargs) -> int:
+        code = ExitCode.OK
         try:
             try:
-                return main(*args, **kwargs)
-            finally:  # flushed here, also after --help's SystemExit: the interpreter's last flush would raise unseen
-                sys.stdout.flush()
+                code = main(*args, **kwargs)
+            except SystemExit as done:  # --help or a bad command line, as argparse ends them
+                code = done.code
+            if sys.stdout is not None:  # None when started with stdout closed (`>&-`)
+                sys.stdout.flush()  # here, not in the interpreter's last flush, which would raise unseen
         except BrokenPipeError:
-            # Python's documented recipe: stdout now points at devnull, so the flush at exit cannot raise again.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return ExitCode.CLOSED_PIPE
+            if not _reader_gone():
+                raise
+            _discard_stdout()
+            return ExitCode.CLOSED_PIPE if code in (None, ExitCode.OK) else code
+        return code
     return guarded
+
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its write end)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, ValueError, OSError):  # no poll (Windows), no stdout, or one without a descriptor
+        return False
+
+
+def _discard_stdout() -> None:
+    """Python's documented recipe: point stdout at devnull, so that the flush at exit cannot raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

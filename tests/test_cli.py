@@ -1,6 +1,7 @@
 """The single-run command line: both spellings, the run folder, bad input, evaluate."""
 import importlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -213,28 +214,64 @@ def test_console_scripts_and_python_m_lmtune():
 
 
 
-def closed_pipe_run(*args: str) -> subprocess.Popen:
-    """Run a command as `... | head` does once head has gone: every write to stdout fails with EPIPE."""
-    child = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    child.stdout.close()  # the only reader
+BUFFERED = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout written when flushed
+
+
+def closed_pipe_run(*args: str) -> tuple[int, str]:
+    """Run a command as `... | head` does once head has gone: every write to stdout fails with EPIPE.
+    Returns the exit code and what the command wrote to stderr."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the only reader
     try:
-        _, child.err = child.communicate(timeout=600)
+        done = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=600, env=BUFFERED)
     finally:
-        child.kill()
-    return child
+        os.close(write_end)
+    return done.returncode, done.stderr
 
 
 @pytest.mark.parametrize("command", [["tune.py"], ["-m", "lmtune"]])
 def test_tune_output_into_a_closed_pipe_ends_quietly(command):
-    child = closed_pipe_run(*command, "check", "experiments/quickstart.yaml")
-    assert child.returncode == ExitCode.CLOSED_PIPE, child.err
-    assert child.err == ""
+    code, err = closed_pipe_run(*command, "check", "experiments/quickstart.yaml")
+    assert code == ExitCode.CLOSED_PIPE, err
+    assert "Traceback" not in err and "Error" not in err, err
 
 
 def test_lmcore_output_into_a_closed_pipe_ends_quietly(markov_corpus_dir, tmp_path):
     argv = ["train", "--run-name", "r", "--runs-dir", str(tmp_path), "--data.dir", str(markov_corpus_dir), *TINY]
     assert main(argv) == 0
-    child = closed_pipe_run("-m", "lmcore", "evaluate", "--run-name", "r", "--runs-dir", str(tmp_path))
-    assert child.returncode == ExitCode.CLOSED_PIPE, child.err
-    assert "Error" not in child.err and "Traceback" not in child.err, child.err
+    code, err = closed_pipe_run("-m", "lmcore", "evaluate", "--run-name", "r", "--runs-dir", str(tmp_path))
+    assert code == ExitCode.CLOSED_PIPE, err
+    assert "Traceback" not in err and "Error" not in err, err
+
+
+# A main that prints, then ends as `how` says; lmcore/exitcodes.py is imported alone (no torch: fast).
+GUARDED_MAIN = """import sys; sys.path.insert(0, "lmcore"); from exitcodes import quiet_when_output_closes
+@quiet_when_output_closes
+def main():
+    print("a line")
+    {how}
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("how,closed,code,message", [
+    ("return 3", True, 3, None),  # its own failure code, not CLOSED_PIPE
+    ("raise RuntimeError('a bug')", True, None, "RuntimeError: a bug"),  # a real error is never hidden
+    ("raise BrokenPipeError('a socket')", False, 1, "BrokenPipeError: a socket"),  # not stdout's: raised
+    ("return 0", None, 0, None),  # started with stdout closed (`>&-`): nothing to flush, success
+])
+def test_only_a_reader_going_away_is_quiet(how, closed, code, message):
+    script = GUARDED_MAIN.format(how=how)
+    if closed:
+        returncode, err = closed_pipe_run("-c", script)
+    else:  # a reader that stays, or (None) no stdout at all
+        done = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=600, env=BUFFERED,
+                              preexec_fn=None if closed is False else (lambda: os.close(1)))
+        returncode, err = done.returncode, done.stderr
+    if code is None:  # a failure: 1, or 120 when Python's own last flush into the closed pipe fails too
+        assert returncode not in (0, ExitCode.CLOSED_PIPE), err
+    else:
+        assert returncode == code, err
+    assert (message in err) if message else ("Traceback" not in err), err
