@@ -76,7 +76,8 @@ class Results:
         return best.sort_values("best_valid_ppl", kind="stable")
 
     def family_table(self) -> pd.DataFrame:
-        """FAMILY_COLUMNS: the reported table (with test perplexity) once `tune.py report` ran, else one without."""
+        """FAMILY_COLUMNS (and DYNAMIC_COLUMN if reported): the reported table (with test perplexity) once
+        `tune.py report` ran, else one without."""
         if self.summary.get("families"):
             return with_columns(pd.DataFrame(self.summary["families"]), FAMILY_COLUMNS)
         return self.best_per_family().reindex(columns=FAMILY_COLUMNS)
@@ -140,7 +141,8 @@ def load_results(folder: str | Path) -> Results:
 
 
 def results_frame(runs: list[Results]) -> pd.DataFrame:
-    """The cross-experiment table (COMPARE_COLUMNS) from loaded results, reported or not (then without test ppl)."""
+    """The cross-experiment table (COMPARE_COLUMNS, and DYNAMIC_COLUMN where reported) from loaded results,
+    reported or not (then without test ppl)."""
     tables = [r.family_table().assign(experiment=r.name, dataset=r.experiment.dataset if r.experiment else None)
               for r in runs]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COMPARE_COLUMNS)

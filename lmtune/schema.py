@@ -191,7 +191,7 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     spec.storage = str(Path(spec.storage).expanduser().resolve())
     base = _base_config(spec, source)
     space = _search_space(spec, base, source, pinned)
-    points = _start_points(_under_pins(spec.start_from, pinned), space, base, source)
+    points = _start_points(_under_pins(spec.start_from, pinned, space), space, base, source)
     return Experiment(spec=spec, base=base, space=space, source=source, pinned=pinned, start_points=points)
 
 
@@ -432,11 +432,15 @@ def _check_samples(space: SearchSpace, base: Config, source: str) -> None:
                  *error_lines(err, source)])) from None
 
 
-def _under_pins(start_from: list[dict[str, Any]], pinned: dict[str, Any]) -> list[dict[str, Any]]:
-    """The `start_from` points that agree with the settings pinned by --set, without those settings (no longer
-    searched): pinning model.family=lstm leaves out a Mogrifier starting point rather than refusing it."""
+def _under_pins(start_from: list[dict[str, Any]], pinned: dict[str, Any], space: SearchSpace) -> list[dict[str, Any]]:
+    """The `start_from` points under the settings pinned by --set, without those settings (no longer searched).
+    A point whose family, or another setting a `when` depends on, differs from a pin is left out (pinning
+    model.family=lstm leaves out a Mogrifier starting point rather than refusing it); a point that differs
+    only in a plain setting keeps its other settings (--set model.dropout.state=0.3 keeps the paper's point)."""
+    deciding = {"model.family"} | {name for p in space.params for name in p.when}
     points = [flatten(point) for point in start_from]
-    agree = [p for p in points if all(p.get(name, value) == value for name, value in pinned.items())]
+    agree = [p for p in points if all(p.get(name, value) == value for name, value in pinned.items()
+                                      if name in deciding)]
     return [kept for p in agree if (kept := {k: v for k, v in p.items() if k not in pinned})]
 
 

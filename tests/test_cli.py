@@ -213,7 +213,6 @@ def test_console_scripts_and_python_m_lmtune():
         assert "usage:" in done.stdout
 
 
-
 BUFFERED = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout written when flushed
 
 

@@ -16,7 +16,6 @@ def test_there_are_configs():
     assert {p.stem for p in CONFIGS} >= {"ptb_mogrifier_paper", "wt2_mogrifier_paper", "small_transformer"}
 
 
-
 @pytest.mark.parametrize("name,rounds,rank,mixtures", [("ptb", 5, 84, 1), ("wt2", 6, 48, 2)])
 def test_the_paper_configs_are_the_authors_tuned_ones(name, rounds, rank, mixtures):
     """deepmind/lamb's tuned Mogrifiers: rounds, rank and softmax mixtures; Adam with beta1 0, batch 64, BPTT 70."""
