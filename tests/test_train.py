@@ -143,4 +143,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         faults[mode] = int(result.stdout.split()[-1])
     block = 20 * 35 * 33278 * 4 // 4096  # pages
     assert faults["default"] > 8 * block, faults  # glibc's default: every block faults in afresh
-    assert faults["reuse"] < 2 * block, faults  # reused (one re-fault was seen in CI: the heap may move once)
+    # reused: at most a few of the ten blocks fault again (CI saw one, then two on a loaded machine: the heap may
+    # move); without reuse_freed_memory all ten do
+    assert faults["reuse"] <= 4 * block, faults
