@@ -19,7 +19,6 @@ from lmcore.config import Config, make_config
 from lmcore.data import DataError
 from lmcore.exitcodes import ExitCode, quiet_when_output_closes
 from lmtune.schema import Experiment, ExperimentError, load_experiment
-from lmtune.space import ALIAS
 
 COMMANDS = ("run", "check", "report", "compare", "export-best", "runs")
 WIDTH_DRAWS = 16  # random draws of the space over which `check` shows each family's width
@@ -75,8 +74,9 @@ def check(args: argparse.Namespace) -> int:
     print("search space:\n  " + exp.space.describe().replace("\n", "\n  "))
     if exp.pinned:
         print("pinned with --set (fixed for every trial, never searched):\n" + _lines(exp.pinned))
-    for i, point in enumerate(exp.start_points):  # the settings' own names, not Optuna's aliases
-        settings = {key.partition(ALIAS)[0]: value for key, value in point.items()}
+    names = {p.key: p.name for p in exp.space.params}  # the settings' own names, not Optuna's aliases
+    for i, point in enumerate(exp.start_points):
+        settings = {names[key]: value for key, value in point.items()}
         print(f"start_from[{i}] (tried first; the settings it leaves out are sampled):\n" + _lines(settings))
     defaults = Config().flat()
     shown = {"data.name"} | ({"model.family"} if "model.family" in exp.space.constants else set())

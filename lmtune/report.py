@@ -49,7 +49,7 @@ def report(folder: str | Path, evaluate: bool = True) -> dict[str, Any]:
     evals = final_evaluation(results, families["trial_id"].tolist(), dynamic) if evaluate else {}
     for column in ["valid_ppl", "test_ppl"] + [DYNAMIC_COLUMN] * dynamic:
         families[column] = families["trial_id"].map(lambda t, c=column: evals.get(t, {}).get(c, math.nan))
-    families = families[FAMILY_COLUMNS + [DYNAMIC_COLUMN] * dynamic]
+    families = with_columns(families, FAMILY_COLUMNS)
 
     write_table(results.trials, folder, "trials")
     write_table(results.top(top_k), folder, "top_k", parquet=False)
