@@ -122,6 +122,13 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keep_existing(paths: list[Path], force: bool) -> None:
+    """Refuse, before anything is written, to overwrite a user's file unless --force."""
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not force:
+        raise ExperimentError(f"{', '.join(existing)}: exists; pass --force to overwrite, or --out another name")
+
+
 def compare_command(args: argparse.Namespace) -> int:
     from lmtune import plots
     from lmtune.report import compare
@@ -129,8 +136,10 @@ def compare_command(args: argparse.Namespace) -> int:
     from lmtune.tables import markdown
 
     folders = [_experiment_folder(f) for f in args.folders]
-    table = compare(folders)
     out = Path(args.out) if args.out else folders[0].parent / "comparison"
+    if args.out:  # the default, beside the experiments, is ours to rewrite; a file the user named is not
+        _keep_existing([out.with_suffix(s) for s in (".md", ".csv", ".png")], args.force)
+    table = compare(folders)
     files.write_text(out.with_suffix(".csv"), table.to_csv(index=False))
     files.write_text(out.with_suffix(".md"), markdown(table) + "\n")
     plots.save_png(plots.comparison([load_results(f) for f in folders]), out.with_suffix(".png"))
@@ -146,8 +155,7 @@ def export_best(args: argparse.Namespace) -> int:
     from lmtune.results import load_results
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ExperimentError(f"{out}: exists; pass --force to overwrite it, or --out another file")
+    _keep_existing([out], args.force)
     results = load_results(_experiment_folder(args.folder))
     ranked = results.ranked()
     if args.family:
@@ -230,7 +238,9 @@ def _parser() -> argparse.ArgumentParser:
     compare_parser = commands.add_parser("compare", help="one table over several experiment folders")
     compare_parser.add_argument("folders", nargs="+")
     compare_parser.add_argument("--out", default=None,
-                                help="file stem for .md/.csv/.png (default: <storage>/comparison)")
+                                help="file stem for .md/.csv/.png (default: <storage>/comparison, rewritten "
+                                "each time); existing files of a stem you name are kept unless --force")
+    compare_parser.add_argument("--force", action="store_true", help="overwrite the --out files if they exist")
     compare_parser.set_defaults(handler=compare_command)
 
     export_parser = commands.add_parser("export-best", help="the best trial's config, for `python -m lmcore train`")

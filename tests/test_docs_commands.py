@@ -201,7 +201,8 @@ HOW: dict[str, Run | Skip] = {
              "--runs-dir {tmp}/runs")),
     STUDY_LOOP: check(STUDY_LOOP.replace(" --no-dashboard", "")),  # check takes no Ray options
     "python tune.py compare results/ptb_2m65_mogrify results/ptb_2m65_lstm results/ptb_2m65_transformer --out "
-    "docs/results/ptb_2m65": Run(("python tune.py compare {tiny} {tiny} {tiny} --out {tmp}/ptb_2m65",)),
+    "docs/results/ptb_2m65 --force": Run(("python tune.py compare {tiny} {tiny} {tiny} --out {tmp}/ptb_2m65",
+                                          "python tune.py compare {tiny} {tiny} {tiny} --out {tmp}/ptb_2m65 --force")),
     SEED_LOOP: Run((SEED_LOOP_TINY,)),
     SEED_TABLE: Run((SEED_LOOP_TINY, "python tune.py runs {tmp}/runs/ptb_mogrify_seed1")),
     # docs/tuning.md

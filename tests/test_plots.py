@@ -101,6 +101,20 @@ def test_compare_writes_a_figure(reported_experiment, tmp_path):
     assert (tmp_path / "table.md").read_text().startswith("| experiment |")
 
 
+def test_compare_keeps_a_file_the_user_named_unless_force(reported_experiment, tmp_path, capsys):
+    (tmp_path / "table.csv").write_text("mine")
+    assert main(["compare", str(reported_experiment), "--out", str(tmp_path / "table")]) == 2
+    assert "table.csv: exists; pass --force" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["table.csv"] and (tmp_path / "table.csv").read_text() == "mine"
+    assert main(["compare", str(reported_experiment), "--out", str(tmp_path / "table"), "--force"]) == 0
+    assert (tmp_path / "table.csv").read_text().startswith("experiment,")
+    # the default stem, beside the experiments, is the command's own and is rewritten each time
+    copy = shutil.copytree(reported_experiment, tmp_path / "results" / "tiny")
+    for _ in range(2):
+        assert main(["compare", str(copy)]) == 0
+    assert (copy.parent / "comparison.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
 def test_ray_files_live_in_a_ray_subfolder_and_older_folders_still_load(reported_experiment, tmp_path):
     """The layout: Ray's state and trial folders in NAME/ray/; folders written before it keep them at the top."""
     assert ray_folder(reported_experiment) == reported_experiment / "ray"
