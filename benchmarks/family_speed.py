@@ -22,7 +22,7 @@ from lmcore import build_model, load_corpus
 from lmcore.batching import batchify
 from lmcore.cli import positive_int
 from lmcore.config import error_lines, make_config
-from lmcore.exitcodes import ExitCode
+from lmcore.exitcodes import ExitCode, quiet_when_output_closes
 from lmcore.files import read_yaml
 from lmcore.train import make_optimizer, resolve_device, reuse_freed_memory, seed_everything, train_epoch
 
@@ -54,6 +54,7 @@ class Trainee:
         self.rates.append(tokens / (time.perf_counter() - started))
 
 
+@quiet_when_output_closes
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("configs", nargs="+", help="lmcore config files (YAML)")
@@ -85,4 +86,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

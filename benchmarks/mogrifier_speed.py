@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lmcore.exitcodes import quiet_when_output_closes  # noqa: E402
 from lmcore.models.mogrifier import MogrifierLSTMLayer  # noqa: E402
 from lmcore.models.mogrifier import cpu as mogrifier_cpu  # noqa: E402
 from lmcore.models.mogrifier import fast as mogrifier_fast  # noqa: E402
@@ -208,6 +209,7 @@ def measure(shape: Shape, device: str, repeats: int | None, budget_s: float, amp
     return results
 
 
+@quiet_when_output_closes
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from lmcore.exitcodes import quiet_when_output_closes
 from lmtune.results import ray_folder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,6 +85,7 @@ def write_experiment(folder: Path, steps: int, data_dir: Path) -> Path:
     return path
 
 
+@quiet_when_output_closes
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-seconds", type=float, default=60.0, help="training time per trial (default 60)")

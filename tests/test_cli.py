@@ -244,6 +244,13 @@ def test_lmcore_output_into_a_closed_pipe_ends_quietly(markov_corpus_dir, tmp_pa
     assert "Traceback" not in err and "Error" not in err, err
 
 
+@pytest.mark.parametrize("script", ["family_speed.py", "mogrifier_speed.py", "tuner_overhead.py"])
+def test_benchmark_output_into_a_closed_pipe_ends_quietly(script):
+    code, err = closed_pipe_run(f"benchmarks/{script}", "--help")
+    assert code == ExitCode.CLOSED_PIPE, err
+    assert "Traceback" not in err and "Error" not in err, err
+
+
 # A main that prints, then ends as `how` says; lmcore/exitcodes.py is imported alone (no torch: fast).
 GUARDED_MAIN = """import sys; sys.path.insert(0, "lmcore"); from exitcodes import quiet_when_output_closes
 @quiet_when_output_closes
