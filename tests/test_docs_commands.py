@@ -80,6 +80,8 @@ WT2_LSTM = ("python -m lmcore train --run-name wt2_7m33_lstm --config configs/pt
             "data.name=wikitext-2")
 WT2_LOOP = ("for f in mogrifier transformer; do python -m lmcore train --run-name wt2_7m33_$f --config "
             "configs/ptb_2m65_$f.yaml --set data.name=wikitext-2 --set model.params_budget=7332078; done")
+WT2_LSTM_ADAM = ("python -m lmcore train --run-name wt2_7m33_lstm_adam --config configs/ptb_2m65_mogrifier.yaml --set "
+                 "model.family=lstm --set data.name=wikitext-2 --set model.params_budget=7332078")
 WT2_TINY = SMALL.replace("200000", "400000")  # WikiText-2's 33k-word embedding needs a larger budget than PTB's
 FAMILY_SPEED = ("python benchmarks/family_speed.py configs/ptb_2m65_lstm.yaml configs/ptb_2m65_mogrifier.yaml "
                 "configs/ptb_2m65_transformer.yaml --steps 20 --rounds 3")
@@ -185,6 +187,7 @@ HOW: dict[str, Run | Skip] = {
              "python -m lmcore evaluate --run-name small_transformer --dynamic --set eval.dynamic_stat_windows=100 "
              "--runs-dir {tmp}/markov")),
     WT2_LSTM: plus(WT2_LSTM, WT2_TINY),
+    WT2_LSTM_ADAM: plus(WT2_LSTM_ADAM, WT2_TINY),
     WT2_LOOP: Run((WT2_LOOP.replace("mogrifier transformer", "mogrifier")  # one: evaluating 33k words is slow
                    .replace("7332078;", f"7332078 {WT2_TINY};"),)),
     SMALL_SEEDS: Run((SMALL_SEEDS.replace("2 3", "2").replace("seed=$seed;", f"seed=$seed {SMALL};"),)),
