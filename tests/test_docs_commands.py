@@ -82,6 +82,9 @@ WT2_LOOP = ("for f in mogrifier transformer; do python -m lmcore train --run-nam
             "configs/ptb_2m65_$f.yaml --set data.name=wikitext-2 --set model.params_budget=7332078; done")
 WT2_LSTM_ADAM = ("python -m lmcore train --run-name wt2_7m33_lstm_adam --config configs/ptb_2m65_mogrifier.yaml --set "
                  "model.family=lstm --set data.name=wikitext-2 --set model.params_budget=7332078")
+WT2_TRANSFORMER_LR = ("python -m lmcore train --run-name wt2_7m33_transformer_lr3e-3 --config "
+                      "configs/ptb_2m65_transformer.yaml --set data.name=wikitext-2 --set model.params_budget=7332078 "
+                      "--set optim.lr=0.003")
 WT2_TINY = SMALL.replace("200000", "400000")  # WikiText-2's 33k-word embedding needs a larger budget than PTB's
 FAMILY_SPEED = ("python benchmarks/family_speed.py configs/ptb_2m65_lstm.yaml configs/ptb_2m65_mogrifier.yaml "
                 "configs/ptb_2m65_transformer.yaml --steps 20 --rounds 3")
@@ -190,6 +193,8 @@ HOW: dict[str, Run | Skip] = {
     WT2_LSTM_ADAM: plus(WT2_LSTM_ADAM, WT2_TINY),
     WT2_LOOP: Run((WT2_LOOP.replace("mogrifier transformer", "mogrifier")  # one: evaluating 33k words is slow
                    .replace("7332078;", f"7332078 {WT2_TINY};"),)),
+    # WT2_LOOP runs this config on WikiText-2; here its flags, on PTB (evaluating 33k words takes minutes)
+    WT2_TRANSFORMER_LR: plus(WT2_TRANSFORMER_LR.replace("wikitext-2", "ptb"), SMALL),
     SMALL_SEEDS: Run((SMALL_SEEDS.replace("2 3", "2").replace("seed=$seed;", f"seed=$seed {SMALL};"),)),
     FAMILY_SPEED: plus(FAMILY_SPEED, "--steps 2 --rounds 1"),
     RESULTS_MOG: Run(("python tune.py export-best {tiny} --out {tmp}/ptb_mogrify_best.yaml",)),
