@@ -3,7 +3,7 @@ and every figure it lists appears."""
 import nbformat
 import pytest
 
-from conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT
 
 nbclient = pytest.importorskip("nbclient")
 NOTEBOOK = REPO_ROOT / "notebooks" / "results.ipynb"

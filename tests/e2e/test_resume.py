@@ -15,12 +15,12 @@ import optuna
 import pandas as pd
 from ray.tune.schedulers import TrialScheduler
 
-from conftest import process_output, run_process, wait_for
 from lmtune import load_experiment, load_results, run_experiment
 from lmtune.results import ray_folder
 from lmtune.search import RUNGS_FILE, make_scheduler
+from tests.conftest import process_output, run_process, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 

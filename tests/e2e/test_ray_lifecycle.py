@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LSTM_ONLY, write_tiny_experiment
 from lmtune import runner
+from tests.conftest import LSTM_ONLY, write_tiny_experiment
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LIMIT_S = 600 * float(os.environ.get("LMTUNE_TEST_TIME_SCALE", "1"))  # generous: a loaded laptop is fine
 
 

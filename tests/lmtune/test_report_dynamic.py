@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import write_tiny_experiment
 from lmtune import load_results
 from lmtune.report import compare
+from tests.conftest import write_tiny_experiment
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 START = {"model.family": "lstm", "optim.lr": 5e-3}
 
 

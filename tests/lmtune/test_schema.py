@@ -8,7 +8,7 @@ import yaml
 from lmtune.cli import main
 from lmtune.schema import ExperimentError, load_experiment
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "experiments").glob("*.yaml"))
 
 

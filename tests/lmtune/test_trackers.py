@@ -4,8 +4,8 @@ import importlib.util
 
 import pytest
 
-from conftest import run_tune
 from lmtune.cli import main
+from tests.conftest import run_tune
 
 
 def test_an_unknown_tracker_is_refused(tiny_experiment, capsys):

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import process_output, run_process
+from tests.conftest import process_output, run_process
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
@@ -133,18 +133,18 @@ HOW: dict[str, Run | Skip] = {
     BENCH_LOOP: Run((BENCH_LOOP.replace("--run-name", "--runs-dir {tmp}/runs --run-name")
                      .replace("model.hidden=256", "model.hidden=32")
                      .replace("train.steps_per_epoch=80", "train.steps_per_epoch=3 --test-batch-size 200"),)),
-    "python -m pytest -q tests/test_mogrifier.py": Skip("part of this test suite"),
-    # The cluster (docs/tuning.md): real machines, or the local cluster that tests/test_cluster.py starts.
+    "python -m pytest -q tests/lmcore/test_mogrifier.py": Skip("part of this test suite"),
+    # The cluster (docs/tuning.md): real machines, or the local cluster that tests/e2e/test_cluster.py starts.
     "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/shared/ray_token": Skip("sets the cluster's environment"),
     "python -c 'import secrets; print(secrets.token_hex(32))' > /shared/ray_token; chmod 600 /shared/ray_token":
         Skip("writes the cluster's token on a shared filesystem"),
-    "ray start --head --port 6379 --num-cpus 8 --num-gpus 2": Skip("tests/test_cluster.py runs the same through scripts/local_cluster.sh"),
-    "ray start --address HEAD_IP:6379 --num-cpus 8 --num-gpus 2": Skip("tests/test_cluster.py runs the same through scripts/local_cluster.sh"),
-    "python tune.py experiments/ptb_mogrify.yaml --address HEAD_IP:6379": Skip("tests/test_cluster.py runs the same through scripts/local_cluster.sh"),
-    "scripts/local_cluster.sh start": Skip("tests/test_cluster.py"),
-    "source /tmp/lmcore-cluster-$USER/cluster.env": Skip("tests/test_cluster.py reads cluster.env"),
-    'python tune.py experiments/quickstart.yaml --address "$RAY_ADDRESS"': Skip("tests/test_cluster.py (tiny)"),
-    "scripts/local_cluster.sh stop": Skip("tests/test_cluster.py"),
+    "ray start --head --port 6379 --num-cpus 8 --num-gpus 2": Skip("tests/e2e/test_cluster.py runs the same through scripts/local_cluster.sh"),
+    "ray start --address HEAD_IP:6379 --num-cpus 8 --num-gpus 2": Skip("tests/e2e/test_cluster.py runs the same through scripts/local_cluster.sh"),
+    "python tune.py experiments/ptb_mogrify.yaml --address HEAD_IP:6379": Skip("tests/e2e/test_cluster.py runs the same through scripts/local_cluster.sh"),
+    "scripts/local_cluster.sh start": Skip("tests/e2e/test_cluster.py"),
+    "source /tmp/lmcore-cluster-$USER/cluster.env": Skip("tests/e2e/test_cluster.py reads cluster.env"),
+    'python tune.py experiments/quickstart.yaml --address "$RAY_ADDRESS"': Skip("tests/e2e/test_cluster.py (tiny)"),
+    "scripts/local_cluster.sh stop": Skip("tests/e2e/test_cluster.py"),
     "python benchmarks/tuner_overhead.py --cpus 2": Skip("a 10-minute benchmark; its --quick form is the same code"),
     "python benchmarks/tuner_overhead.py --quick --cpus 2": Skip("minutes: run by hand for docs/benchmarks.md"),
     # Exported configs of the tiny experiment ({tiny}: a "text" corpus) train in seconds.
@@ -254,7 +254,7 @@ def shell_commands(block: str) -> list[str]:
 
 def test_every_documented_command_is_in_the_table():
     missing = {c: doc for c, doc in documented_commands().items() if c not in HOW}
-    assert not missing, ("documented commands that no test runs; add a line to HOW in tests/test_docs_commands.py:\n"
+    assert not missing, ("documented commands that no test runs; add a line to HOW in tests/e2e/test_docs_commands.py:\n"
                          + "\n".join(f"  {doc}: {c!r}" for c, doc in missing.items()))
 
 
@@ -262,8 +262,8 @@ def test_every_documented_command_is_in_the_table():
 def places(tmp_path_factory, markov_corpus_dir, ray_session) -> dict[str, str]:
     """{tmp}: a folder for this module; {tiny}: the folder of a finished tiny experiment (2 trials, 1 epoch);
     {markov}: the tiny corpus it was trained on (a "text" data.dir)."""
-    from conftest import write_tiny_experiment
     from lmtune import load_experiment, run_experiment
+    from tests.conftest import write_tiny_experiment
 
     tmp = tmp_path_factory.mktemp("docs")
     path = write_tiny_experiment(tmp / "tiny.yaml", markov_corpus_dir, tmp / "results", trials=2,

@@ -14,10 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import LSTM_ONLY, write_tiny_experiment
 from lmtune.results import ray_folder
+from tests.conftest import LSTM_ONLY, write_tiny_experiment
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "local_cluster.sh"
 LIMIT_S = 900 * float(os.environ.get("LMTUNE_TEST_TIME_SCALE", "1"))  # generous: a loaded laptop is fine
 MAX_EPOCHS = 5

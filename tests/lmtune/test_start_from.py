@@ -9,7 +9,7 @@ from lmtune.cli import main
 from lmtune.schema import ExperimentError, load_experiment
 from lmtune.search import make_study
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAPER = {"model.family": "mogrifier", "model.rounds": 3, "optim.lr": 2e-3}
 
 

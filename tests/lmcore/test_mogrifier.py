@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO_ROOT, process_output, run_process
 from lmcore.models.mogrifier import MogrifierLSTMLayer
 from lmcore.models.mogrifier import cpu as mogrifier_cpu
 from lmcore.models.mogrifier import fast as mogrifier_fast
+from tests.conftest import REPO_ROOT, process_output, run_process
 
 T, B, M, N = 5, 3, 6, 4  # input size != hidden size, so that transposed shapes cannot pass by accident
 ROUNDS = range(7)

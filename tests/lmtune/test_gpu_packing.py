@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LSTM_ONLY, write_tiny_experiment
 from lmtune.results import ray_folder
 from lmtune.trainable import DEVICE_OVERRIDE
+from tests.conftest import LSTM_ONLY, write_tiny_experiment
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LIMIT_S = 900 * float(os.environ.get("LMTUNE_TEST_TIME_SCALE", "1"))
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import lmcore
-from conftest import REPO_ROOT, process_output, run_process
 from lmcore.config import make_config
 from lmcore.train import evaluate
+from tests.conftest import REPO_ROOT, process_output, run_process
 
 FAMILIES = ["mogrifier", "lstm", "gru", "rnn", "transformer"]
 

@@ -7,9 +7,9 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
 from lmtune import load_results
 from lmtune.cli import main
+from tests.conftest import REPO_ROOT
 
 
 def test_the_exported_config_reruns_the_best_trial(reported_experiment, tmp_path, capsys):

@@ -9,11 +9,11 @@ import optuna
 import pandas as pd
 import pytest
 
-from conftest import process_output, run_process, write_tiny_experiment
 from lmtune import load_results
 from lmtune.cli import main
+from tests.conftest import process_output, run_process, write_tiny_experiment
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TUNE = [sys.executable, str(REPO / "tune.py")]
 
 

@@ -12,9 +12,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import scaled
 from lmtune import runner
 from lmtune.cli import main
+from tests.conftest import scaled
 
 SECRET = "TOPSECRET-4f2a"  # planted in a file that an experiment points at; must never be printed
 

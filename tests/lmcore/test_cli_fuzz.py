@@ -17,8 +17,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import REPO_ROOT
 from lmcore.cli import main
+from tests.conftest import REPO_ROOT
 
 TIMEOUT = 600 * float(os.environ.get("LMCORE_TEST_TIMEOUT_SCALE", "1"))  # generous: a loaded laptop is normal
 

@@ -8,7 +8,7 @@ from lmcore.cli import main
 from lmcore.config import flatten, make_config
 from lmcore.models import count_parameters, solve_budget
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 VOCAB = {"ptb": 10_000, "wikitext-2": 33_278}
 
 
