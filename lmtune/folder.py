@@ -1,9 +1,5 @@
-"""The experiment folder, results/NAME/: recognised, locked, prepared, and checked against its snapshot.
-
-    results/NAME/experiment.yaml   the validated experiment (compared on resume; marks the folder as ours)
-    results/NAME/optuna.db         the Optuna study
-    results/NAME/ray/              Ray's experiment: its state files and one folder per trial
-    results/NAME/.lock             while a driver uses the folder: its pid and host
+"""The experiment folder, results/NAME/ (its files: lmtune/layout.py): recognised, locked, prepared, and checked
+against its snapshot.
 
 Nothing here deletes a folder that is not recognisably one of ours, and only `--restart` deletes a run.
 """
@@ -21,12 +17,9 @@ import yaml
 
 from lmcore import files
 from lmcore.config import flatten
-from lmtune.results import SNAPSHOT_FILE, ray_folder
+from lmtune.layout import LOCK_FILE, OURS, SNAPSHOT_FILE, ExperimentFolder
 from lmtune.schema import Experiment, ExperimentError
 
-STUDY_FILE = "optuna.db"  # `optuna-dashboard sqlite:///<experiment folder>/optuna.db`
-LOCK_FILE = ".lock"
-OURS = {SNAPSHOT_FILE, STUDY_FILE, LOCK_FILE}  # all a folder holds if it stopped before Ray's first snapshot
 GROWABLE = "trials"  # the one setting a resumed study may change (upwards)
 
 
@@ -52,7 +45,7 @@ class FolderLock:
     A lock left by a process that is gone (on this host) is taken over, with a message."""
 
     def __init__(self, folder: Path):
-        self.file = folder / LOCK_FILE
+        self.file = ExperimentFolder(folder).lock
 
     def __enter__(self) -> FolderLock:
         self.file.parent.mkdir(parents=True, exist_ok=True)
@@ -133,16 +126,16 @@ def prepare_folder(exp: Experiment, restart: bool) -> Plan:
         print(f"--restart: removed the previous run in {folder}")
     if {p.name for p in folder.iterdir()} <= OURS:
         _empty(folder)  # stopped before Ray ran anything: only our own files, nothing to keep
-        files.write_text(folder / SNAPSHOT_FILE, yaml.safe_dump(exp.snapshot(), sort_keys=False))
+        _write_snapshot(exp)
         return Plan(resume=False)
-    if not tune.Tuner.can_restore(str(ray_folder(folder))):
+    if not tune.Tuner.can_restore(str(ExperimentFolder(folder).ray)):
         raise ExperimentError(
             f"{folder}: holds a run that cannot be resumed (stopped before Ray's first snapshot?); "
             "pass --restart to start it afresh"
         )
     saved = check_same_experiment(exp, folder)
     if exp.spec.trials > saved:
-        files.write_text(folder / SNAPSHOT_FILE, yaml.safe_dump(exp.snapshot(), sort_keys=False))
+        _write_snapshot(exp)
         return Plan(resume=True, grow_from=saved)
     return Plan(resume=True)
 
@@ -170,10 +163,15 @@ def check_same_experiment(exp: Experiment, folder: Path) -> int:
 
 
 def _read_snapshot(folder: Path) -> dict:
+    """The snapshot as written; {} when there is none or it is unreadable (the folder is then not ours)."""
     try:
-        return files.read_yaml(folder / SNAPSHOT_FILE)
+        return ExperimentFolder(folder).read_snapshot() or {}
     except files.FileError:
         return {}
+
+
+def _write_snapshot(exp: Experiment) -> None:
+    files.write_text(ExperimentFolder(exp.folder).snapshot, yaml.safe_dump(exp.snapshot(), sort_keys=False))
 
 
 def _empty(folder: Path) -> None:

@@ -18,6 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from lmcore import files
+from lmtune import layout
+from lmtune.layout import ExperimentFolder
 from lmtune.results import Results, finite, results_frame
 
 # How each trial status is drawn: the trials ASHA stopped early and the diverged ones stand out.
@@ -103,13 +105,11 @@ def param_importances(results: Results) -> Figure:
     import optuna
     from optuna.visualization.matplotlib import plot_param_importances
 
-    from lmtune.search import STUDY_FILE
-
-    study_file = results.folder / STUDY_FILE
+    folder = ExperimentFolder(results.folder)
     try:
-        if not study_file.exists():
-            raise ValueError(f"no {STUDY_FILE} in {results.folder}")
-        study = optuna.load_study(study_name=results.name, storage=f"sqlite:///{study_file}")
+        if not folder.study_db.exists():
+            raise ValueError(f"no {folder.study_db.name} in {results.folder}")
+        study = optuna.load_study(study_name=results.name, storage=folder.study_url)
         finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if len(finished) < 2 or not {k for t in finished for k in t.params}:
             raise ValueError(f"{len(finished)} finished trials; importances need at least two that searched a setting")
@@ -176,10 +176,10 @@ def comparison(results: list[Results]) -> Figure:
 
 
 FIGURES = {  # the PNG files `tune.py report` writes, and what draws each
-    "curves.png": learning_curves,
-    "params.png": param_effects,
-    "importance.png": param_importances,
-    "progress.png": search_progress,
+    layout.CURVES_FIGURE: learning_curves,
+    layout.PARAMS_FIGURE: param_effects,
+    layout.IMPORTANCE_FIGURE: param_importances,
+    layout.PROGRESS_FIGURE: search_progress,
 }
 
 

@@ -1,15 +1,8 @@
 """The end of an experiment: evaluate the best checkpoints once on the test split, write the tables and summary.
 
-Files written to the experiment folder:
-    trials.{md,csv,parquet}           every trial: status, epochs, best valid ppl, params, tokens/s, time, config
-    top_k.{md,csv}                    the k best trials
-    best_per_family.{md,csv}          each family's best trial, with its valid and test perplexity
-    history.parquet                   every trial's per-epoch metrics (learning curves)
-    final_eval.json                   test-split results, cached per checkpoint (test is evaluated once)
-    curves.png, params.png,           the figures of lmtune/plots.py (learning curves, the effect of each setting,
-    importance.png, progress.png      Optuna's parameter importances, the search's progress)
-    summary.{json,md}                 the above in one place (summary.md shows the figures); `tune.py compare`
-                                      reads summary.json
+Written to the experiment folder (the files are listed in lmtune/layout.py): the tables of every trial, the top k
+and each family's best (.md, .csv), the learning curves (history.parquet), the cached test evaluation
+(final_eval.json), the figures of lmtune/plots.py, and summary.{json,md}, which shows them in one place.
 """
 from __future__ import annotations
 
@@ -22,11 +15,11 @@ import pandas as pd
 import yaml
 
 from lmcore import files
+from lmtune.layout import CHECKPOINT_FILE, FAMILY_TABLE, TOP_K_TABLE, TRIALS_TABLE, ExperimentFolder
 from lmtune.results import (
     COMPARE_COLUMNS,
     DYNAMIC_COLUMN,
     FAMILY_COLUMNS,
-    SUMMARY_FILE,
     Results,
     compare_frame,
     load_results,
@@ -34,9 +27,6 @@ from lmtune.results import (
 )
 from lmtune.schema import ReportSpec
 from lmtune.tables import markdown, write_table
-from lmtune.trainable import CHECKPOINT_FILE
-
-FINAL_EVAL_FILE = "final_eval.json"
 
 
 def report(folder: str | Path, evaluate: bool = True) -> dict[str, Any]:
@@ -51,14 +41,15 @@ def report(folder: str | Path, evaluate: bool = True) -> dict[str, Any]:
         families[column] = families["trial_id"].map(lambda t, c=column: evals.get(t, {}).get(c, math.nan))
     families = with_columns(families, FAMILY_COLUMNS)
 
-    write_table(results.trials, folder, "trials")
-    write_table(results.top(top_k), folder, "top_k", parquet=False)
-    write_table(families, folder, "best_per_family", parquet=False)
-    files.write_atomically(folder / "history.parquet", lambda f: results.history.to_parquet(f, index=False))
+    layout = ExperimentFolder(folder)
+    write_table(results.trials, layout.table(TRIALS_TABLE))
+    write_table(results.top(top_k), layout.table(TOP_K_TABLE), parquet=False)
+    write_table(families, layout.table(FAMILY_TABLE), parquet=False)
+    files.write_atomically(layout.history, lambda f: results.history.to_parquet(f, index=False))
     figures = write_figures(results)
     summary = _summary(results, families, evals)
-    files.write_text(folder / SUMMARY_FILE, json.dumps(summary, indent=2, default=_json_value) + "\n")
-    files.write_text(folder / "summary.md", _summary_markdown(summary, results, families, top_k, figures))
+    files.write_text(layout.summary_json, json.dumps(summary, indent=2, default=_json_value) + "\n")
+    files.write_text(layout.summary_md, _summary_markdown(summary, results, families, top_k, figures))
     return summary
 
 
@@ -67,13 +58,13 @@ def write_figures(results: Results) -> list[str]:
     from lmtune.plots import FIGURES, save_png
 
     for name, draw in FIGURES.items():
-        save_png(draw(results), results.folder / name)
+        save_png(draw(results), ExperimentFolder(results.folder).figure(name))
     return list(FIGURES)
 
 
 def final_evaluation(results: Results, trial_ids: list[str], dynamic: bool = False) -> dict[str, dict[str, Any]]:
     """Valid and test perplexity of each trial's best checkpoint; each checkpoint meets the test split once."""
-    cache_file = results.folder / FINAL_EVAL_FILE
+    cache_file = ExperimentFolder(results.folder).final_eval
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
     evals = {}
     for trial_id in trial_ids:
@@ -109,7 +100,7 @@ def evaluate_checkpoint(path: Path) -> dict[str, Any]:
 def compare(folders: list[str | Path]) -> pd.DataFrame:
     """The Mogrifier-vs-LSTM-vs-Transformer table over several experiment folders (reporting any not yet reported)."""
     for folder in folders:
-        if not (Path(folder) / SUMMARY_FILE).exists():
+        if not ExperimentFolder(folder).summary_json.exists():
             report(folder)
     return with_columns(compare_frame(folders), COMPARE_COLUMNS)
 

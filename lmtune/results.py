@@ -16,15 +16,13 @@ from typing import Any
 
 import pandas as pd
 
-from lmcore import files
 from lmcore.config import Config, make_config
 from lmcore.train import EpochMetrics
+from lmtune.layout import ExperimentFolder
+from lmtune.layout import ray_folder as ray_folder  # where benchmarks and older code import it from
 from lmtune.schema import ExperimentSpec
 from lmtune.space import trial_settings
 
-SNAPSHOT_FILE = "experiment.yaml"  # the validated experiment, written at the start and compared on resume
-SUMMARY_FILE = "summary.json"
-RAY_FOLDER = "ray"  # Ray's experiment state and trial folders, out of the way of the tables and figures
 HISTORY_COLUMNS = [*(k for k in EpochMetrics.__annotations__ if k != "params"), "time_total_s", "timestamp"]
 RANKED = ("completed", "early-stopped", "running", "paused", "pending")  # not diverged, not error
 ENDED = ("completed", "early-stopped", "diverged", "error")  # a trial in any other state will run again on resume
@@ -98,18 +96,11 @@ class Results:
         return Path(checkpoint.path) if checkpoint else None
 
 
-def ray_folder(folder: str | Path) -> Path:
-    """Where Ray keeps the experiment's state and trial folders: folder/ray/, or the folder itself (older runs)."""
-    folder = Path(folder)
-    return folder / RAY_FOLDER if (folder / RAY_FOLDER).is_dir() else folder
-
-
 def read_snapshot(folder: str | Path) -> tuple[ExperimentSpec | None, dict[str, Any]]:
     """The experiment.yaml snapshot back through the schema: (the experiment's spec, its shared lmcore settings)."""
-    path = Path(folder) / SNAPSHOT_FILE
-    if not path.exists():
+    raw = ExperimentFolder(folder).read_snapshot()
+    if raw is None:
         return None, {}
-    raw = files.read_yaml(path)
     base = raw.pop("base", {}) or {}
     # The snapshot keeps the search space as its description (lines of text), not the file it came from.
     raw["search_space"] = "\n".join(raw.pop("space", None) or [])
@@ -123,7 +114,7 @@ def load_results(folder: str | Path) -> Results:
     folder = Path(folder).resolve()
     experiment, base = read_snapshot(folder)
     max_epochs = experiment.scheduler.max_epochs if experiment else None
-    analysis = ExperimentAnalysis(str(ray_folder(folder)))
+    analysis = ExperimentAnalysis(str(ExperimentFolder(folder).ray))
     frames = analysis.trial_dataframes
     rows, curves = [], []
     for trial in analysis.trials:
@@ -135,7 +126,7 @@ def load_results(folder: str | Path) -> Results:
     trials = pd.DataFrame(rows, columns=_columns(rows))
     trials = trials.sort_values("started_at", kind="stable", ignore_index=True)  # the order the search made them
     history = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["trial_id", *HISTORY_COLUMNS])
-    summary_file = folder / SUMMARY_FILE
+    summary_file = ExperimentFolder(folder).summary_json
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     return Results(folder, trials, history, experiment, base, summary, analysis)
 
@@ -166,9 +157,9 @@ def compare_frame(folders: list[str | Path]) -> pd.DataFrame:
     """summary_frame over experiment folders (needs each folder's summary.json, written by `tune.py report`)."""
     summaries = []
     for folder in folders:
-        summary_file = Path(folder) / SUMMARY_FILE
+        summary_file = ExperimentFolder(folder).summary_json
         if not summary_file.exists():
-            raise FileNotFoundError(f"{folder}: no {SUMMARY_FILE}; run `python tune.py report {folder}` first")
+            raise FileNotFoundError(f"{folder}: no {summary_file.name}; run `python tune.py report {folder}` first")
         summaries.append(json.loads(summary_file.read_text()))
     return summary_frame(summaries)
 

@@ -7,8 +7,8 @@ import os
 import socket
 
 from lmtune import ray_guard
-from lmtune.folder import STUDY_FILE, FolderLock, Plan, check_folder, prepare_folder
-from lmtune.results import RAY_FOLDER, ray_folder
+from lmtune.folder import FolderLock, Plan, check_folder, prepare_folder
+from lmtune.layout import RAY_FOLDER, ExperimentFolder
 from lmtune.schema import Experiment, ExperimentError
 from lmtune.search import make_scheduler, make_searcher, restore_study
 
@@ -55,7 +55,7 @@ def _fit(exp: Experiment, plan: Plan, started: bool) -> bool:
     folder = exp.folder
     print(f"Experiment folder: {folder}")
     print(f"  TensorBoard:      tensorboard --logdir {folder}")
-    print(f"  Optuna dashboard: optuna-dashboard sqlite:///{folder / STUDY_FILE}")
+    print(f"  Optuna dashboard: optuna-dashboard {ExperimentFolder(folder).study_url}")
     warm_nodes(exp.base.data.name, exp.base.data.dir, skip_here=started)
 
     resources = {"cpu": exp.spec.resources.cpus, "gpu": exp.spec.resources.gpus}
@@ -65,7 +65,8 @@ def _fit(exp: Experiment, plan: Plan, started: bool) -> bool:
             print(f"Growing {exp.name} from {plan.grow_from} to {exp.spec.trials} trials: every trial is kept.")
         else:
             print(f"Resuming {exp.name}: finished trials are kept, unfinished ones continue from their checkpoints.")
-        tuner = tune.Tuner.restore(str(ray_folder(folder)), trainable, resume_unfinished=True, resume_errored=False)
+        tuner = tune.Tuner.restore(str(ExperimentFolder(folder).ray), trainable, resume_unfinished=True,
+                                   resume_errored=False)
         restore_study(tuner, exp.spec.trials, folder)
     else:
         tuner = tune.Tuner(

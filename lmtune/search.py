@@ -12,12 +12,10 @@ from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from lmcore import files
-from lmtune.folder import STUDY_FILE
-from lmtune.results import ray_folder
+from lmtune.layout import RUNGS_FILE, ExperimentFolder
 from lmtune.schema import Experiment
 
 RAY_TRIAL_ID = "ray_trial_id"  # the user attribute of each Optuna trial naming its Ray trial
-RUNGS_FILE = "asha_rungs.json"  # in Ray's folder: what ASHA recorded at each rung (Ray loses it on a restore)
 
 
 class StudySearch(OptunaSearch):
@@ -86,7 +84,7 @@ def make_study(exp: Experiment, folder: Path) -> StudySearch:
             )
     else:
         sampler = optuna.samplers.RandomSampler(seed=s.seed)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{folder / STUDY_FILE}")
+    storage = optuna.storages.RDBStorage(ExperimentFolder(folder).study_url)
     # OptunaSearch has no pruner: ASHA does the early stopping. metric/mode go here as well as to Tune.
     return StudySearch(
         space=exp.space,
@@ -162,4 +160,4 @@ def restore_study(tuner, trials: int, folder: Path) -> None:
     else:  # a run started before StudyTrials: its bare searcher, which Ray wraps in a SearchGenerator
         config.search_alg = StudyTrials(config.search_alg, trials)
     if isinstance(config.scheduler, StudyScheduler):
-        config.scheduler.resume(ray_folder(folder) / RUNGS_FILE)
+        config.scheduler.resume(ExperimentFolder(folder).rungs)

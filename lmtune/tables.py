@@ -12,13 +12,14 @@ import pandas as pd
 from lmcore import files
 
 
-def write_table(frame: pd.DataFrame, folder: Path, stem: str, parquet: bool = True) -> None:
-    files.write_text(folder / f"{stem}.csv", frame.to_csv(index=False))
-    files.write_text(folder / f"{stem}.md", markdown(frame) + "\n")
+def write_table(frame: pd.DataFrame, stem: Path, parquet: bool = True) -> None:
+    """`stem`.csv, `stem`.md and (if `parquet`) `stem`.parquet."""
+    files.write_text(stem.with_name(f"{stem.name}.csv"), frame.to_csv(index=False))
+    files.write_text(stem.with_name(f"{stem.name}.md"), markdown(frame) + "\n")
     if parquet:
         # Parquet needs one type per column; config columns may mix None with numbers or strings.
         typed = frame.astype({c: "string" for c in frame.columns if frame[c].dtype == object})
-        files.write_atomically(folder / f"{stem}.parquet", lambda f: typed.to_parquet(f, index=False))
+        files.write_atomically(stem.with_name(f"{stem.name}.parquet"), lambda f: typed.to_parquet(f, index=False))
 
 
 def markdown(frame: pd.DataFrame) -> str:

@@ -15,10 +15,9 @@ from ray import tune
 import lmcore
 from lmcore.checkpoint import CheckpointError, read_file
 from lmcore.config import make_config
+from lmtune.layout import CHECKPOINT_FILE, METRICS_FILE
 from lmtune.space import trial_settings
 
-CHECKPOINT_FILE = "model.pt"  # the one file lmcore's save_checkpoint writes, inside each Tune checkpoint
-METRICS_FILE = "metrics.json"  # the epoch's metrics, beside it
 # Test-only: the device a trial computes on whatever Ray gave it (e.g. "cpu" for trials holding Ray's logical
 # GPUs on a machine without CUDA). Everything else (resources, CUDA_VISIBLE_DEVICES, the device the trial
 # selects and reports) is as on a real GPU. Never set it for real runs.

@@ -8,8 +8,10 @@ import sys
 import pytest
 import yaml
 
+from lmcore import files
 from lmtune.cli import main
-from lmtune.folder import LOCK_FILE, SNAPSHOT_FILE, FolderLock, check_folder, is_experiment_folder, prepare_folder
+from lmtune.folder import FolderLock, check_folder, is_experiment_folder, prepare_folder
+from lmtune.layout import LOCK_FILE, SNAPSHOT_FILE, ExperimentFolder
 from lmtune.schema import ExperimentError, load_experiment
 
 
@@ -93,3 +95,25 @@ def test_a_snapshot_that_is_not_ours_does_not_make_a_folder_ours(tmp_path):
     assert not is_experiment_folder(folder)
     (folder / SNAPSHOT_FILE).write_bytes(b"\xff\xfe binary")
     assert not is_experiment_folder(folder)
+
+
+def test_the_layout_keeps_the_names_older_folders_have(tmp_path):
+    """Folders written before lmtune/layout.py existed must still load: its names are the ones they hold."""
+    folder = ExperimentFolder(tmp_path)
+    names = {"snapshot": "experiment.yaml", "study_db": "optuna.db", "lock": ".lock", "final_eval": "final_eval.json",
+             "summary_json": "summary.json", "summary_md": "summary.md", "history": "history.parquet"}
+    assert {attribute: getattr(folder, attribute).relative_to(tmp_path).as_posix() for attribute in names} == names
+    assert folder.study_url == f"sqlite:///{tmp_path}/optuna.db"
+    assert folder.ray == tmp_path and folder.rungs == tmp_path / "asha_rungs.json"  # before ray/: at the top
+    (tmp_path / "ray").mkdir()
+    assert folder.ray == tmp_path / "ray" and folder.rungs == tmp_path / "ray" / "asha_rungs.json"
+
+
+def test_the_snapshot_has_one_reader(tmp_path):
+    folder = ExperimentFolder(tmp_path)
+    assert folder.read_snapshot() is None  # none yet
+    folder.snapshot.write_text("name: x\ntrials: 3\n")
+    assert folder.read_snapshot() == {"name": "x", "trials": 3}
+    folder.snapshot.write_text("- a list\n")
+    with pytest.raises(files.FileError, match="experiment.yaml: expected a mapping"):
+        folder.read_snapshot()

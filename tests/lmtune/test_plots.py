@@ -9,7 +9,8 @@ from matplotlib.figure import Figure
 
 from lmtune import load_results, plots
 from lmtune.cli import main
-from lmtune.results import HISTORY_COLUMNS, Results, _columns, ray_folder
+from lmtune.layout import ray_folder
+from lmtune.results import HISTORY_COLUMNS, Results, _columns
 from lmtune.schema import ExperimentSpec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -3,7 +3,8 @@ import math
 
 import pandas as pd
 
-from lmtune.results import COMPARE_COLUMNS, FAMILY_COLUMNS, ray_folder, summary_frame, trial_status
+from lmtune.layout import ray_folder
+from lmtune.results import COMPARE_COLUMNS, FAMILY_COLUMNS, summary_frame, trial_status
 from lmtune.tables import markdown
 
 
