@@ -12,6 +12,7 @@ from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from lmcore import files
+from lmtune import ray_internals
 from lmtune.layout import RUNGS_FILE, ExperimentFolder
 from lmtune.schema import Experiment
 
@@ -28,8 +29,9 @@ class StudySearch(OptunaSearch):
 
     def suggest(self, trial_id: str):
         config = super().suggest(trial_id)
-        if trial_id in self._ot_trials:  # so optuna-dashboard's trials can be matched to the tables' rows
-            self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
+        asked = ray_internals.optuna_trials(self)
+        if trial_id in asked:  # so optuna-dashboard's trials can be matched to the tables' rows
+            asked[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
         return config
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -40,10 +42,11 @@ class StudySearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
-        owned = {t.number for t in self._ot_trials.values()}
-        for trial in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owned = {t.number for t in ray_internals.optuna_trials(self).values()}
+        study = ray_internals.optuna_study(self)
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial.number not in owned:
-                self._ot_study.tell(trial.number, state=TrialState.FAIL)
+                study.tell(trial.number, state=TrialState.FAIL)
 
 
 class StudyTrials(SearchGenerator):
@@ -59,12 +62,12 @@ class StudyTrials(SearchGenerator):
 
     def add_configurations(self, experiments) -> None:
         super().add_configurations(experiments)
-        self._total_samples = self.trials
+        ray_internals.set_total_samples(self, self.trials)
 
     def set_state(self, state: dict) -> None:
         super().set_state(state)
-        self._total_samples = self.trials
-        self._finished = False
+        ray_internals.set_total_samples(self, self.trials)
+        ray_internals.reopen(self)
 
 
 def make_searcher(exp: Experiment, folder: Path, max_concurrent: int) -> StudyTrials:
@@ -126,9 +129,10 @@ class StudyScheduler(ASHAScheduler):
     def _save_rungs(self, trial) -> None:
         # Into the folder where Ray stages its own state: Ray copies it into the experiment folder with each of its
         # snapshots, so the two agree after a kill (and a file written there directly, the copy would overwrite).
-        brackets = [[[milestone, recorded] for milestone, recorded in b._rungs] for b in self._brackets]
+        brackets = [[[milestone, recorded] for milestone, recorded in rungs]
+                    for rungs in ray_internals.asha_rungs(self)]
         files.write_text(Path(trial.storage.experiment_driver_staging_path) / RUNGS_FILE,
-                         json.dumps({"brackets": brackets, "stopped": self._num_stopped}))
+                         json.dumps({"brackets": brackets, "stopped": ray_internals.asha_stopped(self)}))
 
     def resume(self, rungs_file: Path) -> None:
         """Take back the rungs saved in `rungs_file` (none if no trial had reported yet)."""
@@ -142,19 +146,19 @@ class StudyScheduler(ASHAScheduler):
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             print(f"{rungs_file}: unreadable ({type(err).__name__}); ASHA judges the remaining trials among themselves")
             return
-        for bracket, saved_rungs in zip(self._brackets, brackets):
-            for milestone, recorded in bracket._rungs:
+        for rungs, saved_rungs in zip(ray_internals.asha_rungs(self), brackets):
+            for milestone, recorded in rungs:
                 recorded.update(saved_rungs.get(float(milestone), {}))
-        self._num_stopped = stopped
+        ray_internals.set_asha_stopped(self, stopped)
 
 
 def restore_study(tuner, trials: int, folder: Path) -> None:
     """A restored Tuner's study gets its new trial count and its ASHA rungs back.
 
     Ray restores the searcher and the scheduler as pickled when the study began, and has no public way to reach
-    them, so this is the one place that touches its private Tuner config.
+    them: lmtune/ray_internals.py does.
     """
-    config = tuner._local_tuner._tune_config
+    config = ray_internals.tune_config(tuner)
     if isinstance(config.search_alg, StudyTrials):
         config.search_alg.trials = trials
     else:  # a run started before StudyTrials: its bare searcher, which Ray wraps in a SearchGenerator
