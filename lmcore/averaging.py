@@ -5,7 +5,9 @@
           that a short run's average covers its last steps rather than its initial weights
     asgd  AWD-LSTM's non-monotonically triggered averaging (Merity et al., 2018): once the validation loss
           is worse than the best of all but the last `optim.asgd_nonmono` epochs, keep the uniform average
-          of every later iterate
+          of every later iterate; with `optim.asgd_trigger` stale, once the best validation loss is
+          `asgd_nonmono` epochs old (lamb's trigger_averaging_turns); and after epoch `optim.asgd_latest`
+          at the latest (lamb's trigger_averaging_at_the_latest)
 
 The trainer calls `update` after each optimiser step (an optimiser hook), `end_epoch` after validating,
 and `applied(model)` around validation and checkpoint writing: inside it the model holds the average.
@@ -25,6 +27,7 @@ from .config import OptimConfig
 class Averager:
     def __init__(self, config: OptimConfig, model: nn.Module):
         self.method, self.decay, self.nonmono = config.average, config.ema_decay, config.asgd_nonmono
+        self.trigger, self.latest = config.asgd_trigger, config.asgd_latest
         self.parameters = dict(model.named_parameters())
         self.average: dict[str, torch.Tensor] | None = None  # None: the average is the weights themselves
         self.count = 0  # iterates averaged (asgd)
@@ -52,11 +55,20 @@ class Averager:
             self.average[name].lerp_(p.detach(), weight)
 
     def end_epoch(self, valid_loss: float) -> None:
-        """asgd: start averaging when validation stops improving (AWD-LSTM's non-monotone trigger)."""
-        if self.method == "asgd" and self.average is None and len(self.history) > self.nonmono \
-                and valid_loss > min(self.history[:-self.nonmono]):
+        """asgd: start averaging when validation stops improving (the trigger `optim.asgd_trigger` names)."""
+        if self.method == "asgd" and self.average is None and self.stopped_improving(valid_loss):
             self.start()
         self.history.append(valid_loss)
+
+    def stopped_improving(self, valid_loss: float) -> bool:
+        """Whether asgd starts after this epoch, whose validation loss is `valid_loss`."""
+        history = self.history + [valid_loss]
+        epoch = len(history)
+        if self.latest is not None and epoch >= self.latest:
+            return True
+        if self.trigger == "stale":  # lamb: the first epoch of the best loss is nonmono epochs old
+            return epoch - (history.index(min(history)) + 1) >= self.nonmono
+        return len(self.history) > self.nonmono and valid_loss > min(self.history[:-self.nonmono])
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[dict[str, Any]]:

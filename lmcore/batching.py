@@ -41,6 +41,15 @@ def window_length(bptt: int, variable: bool, generator: torch.Generator | None) 
     return min(length, longest_window(bptt, variable))
 
 
+def pass_start(bptt: int, random_offset: bool, generator: torch.Generator | None) -> int:
+    """The row where a pass over the training data starts: 0, or with `random_offset` a row drawn uniformly
+    from [0, bptt), so that fixed-length windows cut the stream at other places in every pass. lamb starts
+    its streams at a random sentence instead; both keep windows from always spanning the same tokens."""
+    if not random_offset:
+        return 0
+    return int(torch.randint(bptt, (), generator=generator))
+
+
 def bptt_windows(
     source: torch.Tensor,
     bptt: int,

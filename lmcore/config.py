@@ -49,13 +49,19 @@ class _Section(BaseModel):
 
 
 class DropoutConfig(_Section):
-    """The regularisers of the AWD-LSTM / lamb line (all variational: one mask per sequence)."""
+    """The regularisers of the AWD-LSTM / lamb line. The state mask is always drawn once per sequence; the
+    input, inter, output and latent masks once per sequence (AWD-LSTM) or at every step (lamb), per `mask`."""
 
     input: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the embedded input")
     inter: float = Field(0.0, ge=0.0, lt=1.0, description="between layers (inside blocks for the transformer)")
     state: float = Field(0.0, ge=0.0, lt=1.0, description="on the recurrent state h (RNN families)")
     output: float = Field(0.0, ge=0.0, lt=1.0, description="on the last layer's output, before the decoder")
     embedding: float = Field(0.0, ge=0.0, lt=1.0, description="word dropout: whole rows of the embedding")
+    latent: float = Field(0.0, ge=0.0, lt=1.0, description="on each softmax mixture component's latent (or the "
+                          "tying projection's output); lamb's downprojected_output_dropout")
+    mask: Literal["sequence", "step"] = Field(
+        "sequence", description="input, inter, output and latent masks: sequence (one per sequence, reused at "
+        "every step) | step (a new mask every time step: lamb's shared_mask_dropout false)")
 
 
 class DataConfig(_Section):
@@ -67,6 +73,15 @@ class DataConfig(_Section):
     eval_batch_size: Int = Field(10, gt=0, description="batch size of validation (and test) evaluation")
     bptt: Int = Field(35, gt=0, description="truncated back-propagation length (tokens)")
     variable_bptt: bool = Field(True, description="AWD-LSTM randomised window lengths in training")
+    random_offset: bool = Field(False, description="fixed windows (variable_bptt false) start each pass over the "
+                                "training data at a random row below bptt, so window boundaries move (lamb)")
+
+    @model_validator(mode="after")
+    def _offset_needs_fixed_windows(self) -> DataConfig:
+        if self.random_offset and self.variable_bptt:
+            raise ValueError("data.random_offset needs data.variable_bptt false (random lengths already move "
+                             "the window boundaries)")
+        return self
 
 
 class ModelConfig(_Section):
@@ -91,12 +106,29 @@ class ModelConfig(_Section):
         0, ge=0, description="transformer: tokens of earlier windows each block attends to (Transformer-XL); 0 = none"
     )
     softmax_mixtures: Int = Field(1, gt=0, description="mixture of softmaxes components (Yang et al.); 1 = one softmax")
+    embedding_ratio: float | None = Field(
+        None, gt=0.0, le=1.0, description="embedding = round(ratio * hidden), also while a budget is solved "
+        "(lamb's input_embedding_ratio); None = model.embedding")
+    budget_rule: Literal["nearest", "within"] = Field(
+        "nearest", description="params_budget: the width whose count is nearest the budget | within (the widest "
+        "that does not exceed it, as lamb)")
+    forget_bias: float = Field(0.0, description="added to the LSTM forget gates' bias at initialisation "
+                               "(mogrifier, lstm; lamb: 1.0)")
     dropout: DropoutConfig = Field(default_factory=DropoutConfig)
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
         if self.family == "transformer" and self.params_budget is None and self.d_model % self.heads:
             raise ValueError(f"d_model ({self.d_model}) must be a multiple of heads ({self.heads})")
+        return self
+
+    @model_validator(mode="after")
+    def _settings_apply_to_family(self) -> ModelConfig:
+        if self.embedding_ratio is not None and (self.embedding is not None or self.family == "transformer"):
+            raise ValueError("model.embedding_ratio sizes the embedding from model.hidden: it needs an RNN family "
+                             "and no model.embedding")
+        if self.forget_bias and self.family not in ("mogrifier", "lstm"):
+            raise ValueError(f"model.forget_bias needs a forget gate: family mogrifier or lstm, not {self.family}")
         return self
 
     @model_validator(mode="after")
@@ -115,6 +147,9 @@ class OptimConfig(_Section):
     beta2: float = Field(0.999, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     clip: float = Field(0.25, ge=0.0, description="gradient norm clipping; 0 = off")
+    clip_unit: Literal["token", "window"] = Field(
+        "token", description="what optim.clip bounds: token (the gradient of the per-token mean loss) | window "
+        "(of the loss summed over a window's steps, as lamb: the same clip acts window-length times sooner)")
     lr_decay: float = Field(
         0.25, gt=0.0, le=1.0, description="multiply lr by this when valid ppl does not improve; 1 = off"
     )
@@ -125,6 +160,11 @@ class OptimConfig(_Section):
         0.999, gt=0.0, lt=1.0, description="ema: weight of the old average at each step, after a warm-up")
     asgd_nonmono: int = Field(5, gt=0, description="asgd: start averaging when valid loss is worse than "
                                                   "the best of all but this many last epochs")
+    asgd_trigger: Literal["nonmono", "stale"] = Field(
+        "nonmono", description="asgd: nonmono (AWD-LSTM, as asgd_nonmono says) | stale (lamb: once the best "
+        "valid loss is asgd_nonmono epochs old)")
+    asgd_latest: Int | None = Field(None, gt=0, description="asgd: start averaging after this epoch at the "
+                                    "latest (lamb's trigger_averaging_at_the_latest); None = no limit")
 
 
 class TrainConfig(_Section):

@@ -1,5 +1,6 @@
-"""The dropouts of the AWD-LSTM / lamb line. All masks are variational: drawn once per sequence (per
-batch column), reused at every time step, and scaled by 1/(1-p) so that evaluation needs no rescaling."""
+"""The dropouts of the AWD-LSTM / lamb line. Masks are variational (drawn once per sequence, i.e. per batch
+column, and reused at every time step) or, with `mask="step"`, drawn anew at every step, as lamb's
+`shared_mask_dropout False` does; either way scaled by 1/(1-p) so that evaluation needs no rescaling."""
 from __future__ import annotations
 
 from torch import Tensor, nn
@@ -15,6 +16,13 @@ def locked_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     if not training or p == 0:
         return x
     return x * variational_mask(x.shape[1], x.shape[2], p, x).unsqueeze(0)
+
+
+def sequence_dropout(x: Tensor, p: float, training: bool, mask: str) -> Tensor:
+    """Dropout on x [T, B, D] with one mask per sequence (`mask="sequence"`) or per step (`"step"`)."""
+    if mask == "step":
+        return nn.functional.dropout(x, p, training) if p else x
+    return locked_dropout(x, p, training)
 
 
 def embedding_dropout(embedding: nn.Embedding, tokens: Tensor, p: float, training: bool) -> Tensor:

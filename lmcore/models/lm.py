@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import Config, ModelConfig
-from .dropout import embedding_dropout, locked_dropout
+from .dropout import embedding_dropout, sequence_dropout
 from .rnn import FusedRNNStack, MogrifierStack
 from .transformer import TransformerStack
 
@@ -20,25 +20,26 @@ class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfig, vocab_size: int):
         super().__init__()
         self.config, self.vocab_size = config, vocab_size
-        width = config.d_model if config.family == "transformer" else config.hidden
-        embedding_size = config.embedding or width
+        embedding_size = embedding_width(config)
         drop = config.dropout
         self.embedding = nn.Embedding(vocab_size, embedding_size)
         if config.family == "mogrifier":
             self.body = MogrifierStack(embedding_size, config.hidden, config.layers, config.rounds, config.rank,
-                                       drop.inter, drop.state)
+                                       drop.inter, drop.state, drop.mask)
         elif config.family == "transformer":
             self.body = TransformerStack(embedding_size, config.d_model, config.heads, config.layers,
                                          config.ff or 4 * config.d_model, drop.inter, config.pos_encode,
                                          config.max_len, config.memory)
         else:
             self.body = FusedRNNStack(config.family, embedding_size, config.hidden, config.layers,
-                                      drop.inter, drop.state)
+                                      drop.inter, drop.state, drop.mask)
+        if config.forget_bias:
+            self.body.add_forget_bias(config.forget_bias)
         out = self.body.output_size
         decoder_input = embedding_size if config.tie_weights else out
         if config.softmax_mixtures > 1:  # the mixture's latent layer also does the tying projection
             self.projection = None
-            self.mixture = MixtureOfSoftmaxes(out, decoder_input, config.softmax_mixtures)
+            self.mixture = MixtureOfSoftmaxes(out, decoder_input, config.softmax_mixtures, drop.latent, drop.mask)
         else:
             # Tied weights need the decoder's input to be embedding-sized: project when the sizes differ.
             self.projection = nn.Linear(out, embedding_size) if decoder_input != out else None
@@ -52,13 +53,13 @@ class LanguageModel(nn.Module):
     def forward(self, tokens: Tensor, state=None) -> tuple[Tensor, object]:
         drop = self.config.dropout
         x = embedding_dropout(self.embedding, tokens, drop.embedding, self.training)
-        x = locked_dropout(x, drop.input, self.training)
+        x = sequence_dropout(x, drop.input, self.training, drop.mask)
         x, state = self.body(x, state)
-        x = locked_dropout(x, drop.output, self.training)
+        x = sequence_dropout(x, drop.output, self.training, drop.mask)
         if self.mixture is not None:
             return self.mixture(x, self.decoder), state
         if self.projection is not None:
-            x = self.projection(x)
+            x = sequence_dropout(self.projection(x), drop.latent, self.training, drop.mask)
         return self.decoder(x), state
 
     def num_parameters(self) -> int:
@@ -68,16 +69,20 @@ class LanguageModel(nn.Module):
 
 class MixtureOfSoftmaxes(nn.Module):
     """Yang et al. (2018): K softmaxes over the (shared, possibly tied) decoder, each fed its own tanh
-    latent of the hidden state, mixed by a softmax prior. Returns normalised log-probabilities."""
+    latent of the hidden state, mixed by a softmax prior. Returns normalised log-probabilities. Each latent
+    has its own dropout mask (`dropout`, drawn per sequence or per step as `mask` says), as in lamb and
+    zihangdai/mos."""
 
-    def __init__(self, hidden: int, decoder_input: int, components: int):
+    def __init__(self, hidden: int, decoder_input: int, components: int, dropout: float = 0.0,
+                 mask: str = "sequence"):
         super().__init__()
-        self.components = components
+        self.components, self.dropout, self.mask = components, dropout, mask
         self.latent = nn.Linear(hidden, components * decoder_input)
         self.prior = nn.Linear(hidden, components, bias=False)  # as in zihangdai/mos
 
     def forward(self, x: Tensor, decoder: nn.Linear) -> Tensor:
-        latent = torch.tanh(self.latent(x)).unflatten(-1, (self.components, -1))  # [T, B, K, decoder_input]
+        latent = sequence_dropout(torch.tanh(self.latent(x)), self.dropout, self.training, self.mask)
+        latent = latent.unflatten(-1, (self.components, -1))  # [T, B, K, decoder_input]
         log_probs = torch.log_softmax(decoder(latent).float(), dim=-1)  # [T, B, K, vocab]
         log_prior = torch.log_softmax(self.prior(x).float(), dim=-1).unsqueeze(-1)  # [T, B, K, 1]
         return torch.logsumexp(log_prior + log_probs, dim=-2)
@@ -97,9 +102,20 @@ def count_parameters(config: ModelConfig, vocab_size: int) -> int:
         return LanguageModel(config, vocab_size).num_parameters()
 
 
+def embedding_width(config: ModelConfig) -> int:
+    """The embedding size: model.embedding, else round(model.embedding_ratio * hidden), else the width."""
+    if config.embedding is not None:
+        return config.embedding
+    if config.embedding_ratio is not None:
+        return max(1, round(config.embedding_ratio * config.hidden))  # lamb's round_to_int
+    return config.d_model if config.family == "transformer" else config.hidden
+
+
 def solve_budget(config: ModelConfig, vocab_size: int) -> ModelConfig:
     """Return config with hidden (d_model for the transformer, in steps of `heads`) set so that the
-    parameter count is as close as possible to `params_budget`; unchanged without a budget."""
+    parameter count is as close as possible to `params_budget` (`budget_rule` nearest) or as large as
+    possible without exceeding it (within, as lamb's _budget_hidden_size); unchanged without a budget.
+    An `embedding_ratio` keeps the embedding tied to the width while solving."""
     if config.params_budget is None:
         return config
     field, step = ("d_model", config.heads) if config.family == "transformer" else ("hidden", 1)
@@ -116,5 +132,8 @@ def solve_budget(config: ModelConfig, vocab_size: int) -> ModelConfig:
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (mid, high) if count(mid) < config.params_budget else (low, mid)
-    best = min((low, high), key=lambda u: abs(count(u) - config.params_budget))
+    if config.budget_rule == "within":
+        best = high if count(high) <= config.params_budget else low
+    else:
+        best = min((low, high), key=lambda u: abs(count(u) - config.params_budget))
     return config.model_copy(update={field: best * step})

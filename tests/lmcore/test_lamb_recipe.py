@@ -1,0 +1,179 @@
+"""The settings that reproduce deepmind/lamb's recipe (issue 22), each against a small expectation worked out by
+hand from what lamb's code does: the dropout mask kind, the mixture's latent dropout, the forget bias, the width
+rule within a budget, the averaging trigger and the pass offset of fixed windows."""
+import pytest
+import torch
+
+from lmcore.averaging import Averager
+from lmcore.batching import pass_start
+from lmcore.config import make_config
+from lmcore.models import build_model, count_parameters, solve_budget
+from lmcore.models.dropout import sequence_dropout
+
+WT2_VOCAB = 33278  # WikiText-2's vocabulary, <eos> included
+
+
+def test_sequence_masks_repeat_over_time_and_step_masks_do_not():
+    torch.manual_seed(0)
+    x = torch.ones(50, 4, 100)
+    shared = sequence_dropout(x, 0.5, True, "sequence")
+    fresh = sequence_dropout(x, 0.5, True, "step")
+    for y in (shared, fresh):  # inverted dropout: every unit is 0 or 1 / (1 - p) = 2
+        assert set(y.unique().tolist()) == {0.0, 2.0}
+    assert torch.equal(shared, shared[:1].expand_as(shared))
+    assert (fresh != fresh[:1]).any(dim=(1, 2))[1:].all()  # every later step has its own mask
+    assert 0.45 < (fresh == 0).float().mean() < 0.55
+    for mask in ("sequence", "step"):
+        assert torch.equal(sequence_dropout(x, 0.5, False, mask), x)
+        assert torch.equal(sequence_dropout(x, 0.0, True, mask), x)
+
+
+@pytest.mark.parametrize("family", ["mogrifier", "lstm"])
+@pytest.mark.parametrize("mask", ["sequence", "step"])
+def test_the_models_input_and_inter_masks_follow_the_setting(family, mask):
+    """The same token at every step embeds to the same vector, so after input dropout the steps are equal
+    exactly when the mask is shared over the sequence; the same holds for the second layer's input."""
+    config = make_config({}, {"model.family": family, "model.hidden": 16, "model.layers": 2, "model.rounds": 2,
+                              "model.dropout.input": 0.5, "model.dropout.inter": 0.5, "model.dropout.mask": mask})
+    torch.manual_seed(0)
+    model = build_model(config, vocab_size=20).train()
+    seen = []
+    model.body.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    model(torch.full((12, 3), 7))
+    dropped = seen[0]
+    assert torch.equal(dropped, dropped[:1].expand_as(dropped)) == (mask == "sequence")
+    inter = model.body.layers[1]
+    inputs = []
+    inter.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
+    model(torch.full((12, 3), 7))
+    second = inputs[0] * 2  # kept units are scaled by 1 / (1 - 0.5); a dropped unit is 0 at that step
+    zero = second == 0
+    assert torch.equal(zero, zero[:1].expand_as(zero)) == (mask == "sequence")
+
+
+def test_each_mixture_component_latent_is_dropped_with_the_latent_rate():
+    """lamb applies downprojected_output_dropout to each component's latent before the (tied) decoder: what
+    the decoder sees is tanh(latent) scaled by 1 / (1 - p) or 0."""
+    config = make_config({}, {"model.family": "lstm", "model.hidden": 16, "model.embedding": 8, "model.layers": 1,
+                              "model.softmax_mixtures": 2, "model.dropout.latent": 0.25})
+    torch.manual_seed(0)
+    model = build_model(config, vocab_size=20).train()
+    body_out, decoder_in = [], []
+    model.body.register_forward_hook(lambda _m, _a, out: body_out.append(out[0]))
+    model.decoder.register_forward_pre_hook(lambda _m, args: decoder_in.append(args[0]))
+    tokens = torch.randint(0, 20, (6, 3))
+    model(tokens)
+    clean = torch.tanh(model.mixture.latent(body_out[0])).unflatten(-1, (2, 8))
+    seen = decoder_in[0]
+    kept = seen != 0
+    assert torch.allclose(seen[kept], clean[kept] / 0.75)
+    assert 0 < (~kept).sum() < kept.sum()
+    model.eval()
+    assert torch.equal(model(tokens)[0], model(tokens)[0])  # no latent dropout at evaluation
+
+
+def test_latent_dropout_acts_on_the_tying_projection_without_a_mixture():
+    config = make_config({}, {"model.family": "lstm", "model.hidden": 16, "model.embedding": 8, "model.layers": 1,
+                              "model.dropout.latent": 0.5})
+    torch.manual_seed(0)
+    model = build_model(config, vocab_size=20).train()
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    model(torch.randint(0, 20, (6, 3)))
+    assert (seen[0] == 0).any()
+
+
+@pytest.mark.parametrize("family", ["mogrifier", "lstm"])
+def test_forget_bias_adds_to_the_forget_gate_only(family):
+    """Gate order i, f, g, o: the second quarter of the bias moves by forget_bias, nothing else changes."""
+    def biases(forget_bias):
+        torch.manual_seed(0)
+        config = make_config({}, {"model.family": family, "model.hidden": 5, "model.layers": 2, "model.rounds": 2,
+                                  "model.forget_bias": forget_bias})
+        model = build_model(config, vocab_size=20)
+        return [layer.bias if family == "mogrifier" else layer.bias_ih_l0 for layer in model.body.layers]
+
+    for plain, shifted in zip(biases(0.0), biases(1.0)):
+        expected = torch.tensor([0.0] * 5 + [1.0] * 5 + [0.0] * 10)
+        assert torch.allclose(shifted - plain, expected)
+
+
+def test_forget_bias_needs_a_forget_gate():
+    with pytest.raises(ValueError, match="model.forget_bias needs a forget gate"):
+        make_config({}, {"model.family": "gru", "model.forget_bias": 1.0})
+
+
+def test_within_rule_never_exceeds_the_budget_and_ties_the_embedding_to_the_width():
+    """lamb on the WikiText-2 paper model: the widest hidden size within 35M, embedding round(0.1993 * H):
+    H 1366, E 272, 34,991,552 parameters; one unit wider is over. The nearest rule with a fixed embedding of
+    275 (the old paper config) goes over the budget."""
+    base = {"model.family": "mogrifier", "model.layers": 2, "model.rounds": 6, "model.rank": 48,
+            "model.softmax_mixtures": 2, "model.params_budget": 35_000_000}
+    lamb = make_config({}, base | {"model.embedding_ratio": 0.1993194960596213, "model.budget_rule": "within"})
+    solved = solve_budget(lamb.model, WT2_VOCAB)
+    assert solved.hidden == 1366
+    assert build_model(lamb, WT2_VOCAB).embedding.embedding_dim == 272
+    assert count_parameters(solved, WT2_VOCAB) == 34_991_552
+    wider = solved.model_copy(update={"hidden": 1367})
+    assert count_parameters(wider, WT2_VOCAB) > 35_000_000
+    old = solve_budget(make_config({}, base | {"model.embedding": 275}).model, WT2_VOCAB)
+    assert count_parameters(old, WT2_VOCAB) > 35_000_000
+
+
+def test_within_rule_on_an_exact_budget_takes_that_width():
+    config = make_config({}, {"model.family": "lstm", "model.layers": 1, "model.embedding": 4})
+    exact = count_parameters(config.model.model_copy(update={"hidden": 30}), 50)
+    for budget, hidden in ((exact, 30), (exact - 1, 29), (exact + 1, 30)):
+        rule = config.model.model_copy(update={"params_budget": budget, "budget_rule": "within"})
+        assert solve_budget(rule, 50).hidden == hidden
+
+
+def test_embedding_ratio_is_refused_with_an_embedding_size():
+    with pytest.raises(ValueError, match="model.embedding_ratio"):
+        make_config({}, {"model.embedding": 200, "model.embedding_ratio": 0.2})
+
+
+def averager(**optim):
+    config = make_config({}, {"optim.average": "asgd"} | {f"optim.{k}": v for k, v in optim.items()})
+    return Averager(config.optim, torch.nn.Linear(2, 2))
+
+
+def first_averaged_epoch(avg: Averager, losses: list[float]) -> int | None:
+    for epoch, loss in enumerate(losses, start=1):
+        avg.end_epoch(loss)
+        if avg.average is not None:
+            return epoch
+    return None
+
+
+def test_stale_trigger_starts_when_the_best_is_nonmono_epochs_old():
+    """Best at epoch 2 (loss 3); lamb triggers when turn - best_turn >= 3: at epoch 5. AWD-LSTM's rule
+    (worse than the best of all but the last 3) triggers later, at epoch 6 (4.2 > min(5, 3)). A new best
+    (epoch 5) restarts lamb's count: epoch 8."""
+    losses = [5.0, 3.0, 3.1, 3.2, 3.3, 4.2]
+    assert first_averaged_epoch(averager(asgd_nonmono=3, asgd_trigger="stale"), losses) == 5
+    assert first_averaged_epoch(averager(asgd_nonmono=3), losses) == 6
+    improving = [5.0, 3.0, 3.1, 3.2, 2.9, 3.0, 3.0, 3.0]
+    assert first_averaged_epoch(averager(asgd_nonmono=3, asgd_trigger="stale"), improving) == 8
+    assert first_averaged_epoch(averager(asgd_nonmono=3, asgd_trigger="stale"), [3.0] * 5) == 4  # a tie is no new best
+
+
+def test_averaging_starts_at_the_latest_epoch_even_while_improving():
+    steadily = [5.0, 4.0, 3.0, 2.0, 1.0]
+    assert first_averaged_epoch(averager(asgd_nonmono=50, asgd_trigger="stale", asgd_latest=4), steadily) == 4
+    assert first_averaged_epoch(averager(asgd_nonmono=50, asgd_trigger="stale"), steadily) is None
+
+
+def test_pass_start_is_zero_or_a_uniform_row_below_bptt():
+    generator = torch.Generator().manual_seed(0)
+    before = generator.get_state()
+    assert pass_start(7, False, generator) == 0
+    assert torch.equal(generator.get_state(), before)  # the default draws nothing: old runs replay exactly
+    starts = [pass_start(7, True, generator) for _ in range(400)]
+    assert set(starts) == set(range(7))
+
+
+def test_random_offset_needs_fixed_windows():
+    with pytest.raises(ValueError, match="data.random_offset needs data.variable_bptt false"):
+        make_config({}, {"data.random_offset": True})
+    assert make_config({}, {"data.random_offset": True, "data.variable_bptt": False}).data.random_offset
