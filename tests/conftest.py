@@ -203,9 +203,25 @@ def run_tune(*args: str, timeout: float = 900, env: dict | None = None):
                        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
 
 
+def tune_in_process(*args: str) -> tuple[int, str, str]:
+    """`tune.py ARGS` run in this process, on the shared small Ray (`ray_session`) if a test started it: the exit
+    code and what it printed to stdout and stderr. A separate driver process is for tests whose point is a kill,
+    a resume or the processes Ray leaves (tests/e2e/test_resume.py, test_ray_lifecycle.py, test_cluster.py)."""
+    import contextlib
+    import io
+
+    from lmtune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="session")
-def reported_experiment(tmp_path_factory, markov_corpus_dir) -> Path:
-    """The folder of one finished and reported tiny experiment (run once per session through `tune.py`), with
+def reported_experiment(ray_session, tmp_path_factory, markov_corpus_dir) -> Path:
+    """The folder of one finished and reported tiny experiment (run once per session through `tune.py`'s main, on
+    the shared small Ray), with
     completed trials, trials ASHA stopped early and diverged ones (Adam at lr 1e6): what figures and notebooks read.
     """
     tmp = tmp_path_factory.mktemp("reported")
@@ -219,8 +235,8 @@ def reported_experiment(tmp_path_factory, markov_corpus_dir) -> Path:
         searcher={"sampler": "random", "seed": 2},
         trials=8,
     )
-    run = run_tune(str(path), "--num-cpus", "2", "--no-dashboard")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    code, out, err = tune_in_process(str(path), "--no-dashboard")
+    assert code == 0, out[-3000:] + err[-3000:]
     return tmp / "results" / "tiny"
 
 

@@ -1,9 +1,7 @@
-"""End to end through `tune.py`: a real Tune run (OptunaSearch + ASHA) of 4 tiny trials, then the tables,
-the report and compare commands, and the results API."""
+"""End to end through `tune.py`'s main on the shared small Ray: a real Tune run (OptunaSearch + ASHA) of 4 tiny
+trials, then the tables, the report and compare commands, and the results API. (A driver in its own process is
+tested where its kill, resume or processes are the point: test_resume.py, test_ray_lifecycle.py.)"""
 import json
-import os
-import sys
-from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -11,24 +9,17 @@ import pytest
 
 from lmtune import load_results
 from lmtune.cli import main
-from tests.conftest import process_output, run_process, write_tiny_experiment
-
-REPO = Path(__file__).resolve().parents[2]
-TUNE = [sys.executable, str(REPO / "tune.py")]
-
-
-def tune(*args: str):
-    return run_process([*TUNE, *args], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+from tests.conftest import process_output, tune_in_process, write_tiny_experiment
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory, markov_corpus_dir):
+def finished(ray_session, tmp_path_factory, markov_corpus_dir):
     """(experiment file, experiment folder, stdout) of one finished run."""
     tmp = tmp_path_factory.mktemp("e2e")
     path = write_tiny_experiment(tmp / "tiny.yaml", markov_corpus_dir, tmp / "results")
-    run = tune(str(path), "--num-cpus", "2", "--no-dashboard")
-    assert run.returncode == 0, process_output(run.stdout, run.stderr)
-    return path, tmp / "results" / "tiny", run.stdout
+    code, out, err = tune_in_process(str(path), "--no-dashboard")
+    assert code == 0, process_output(out, err)
+    return path, tmp / "results" / "tiny", out
 
 
 def test_run_prints_the_comparison_table(finished):
@@ -88,11 +79,11 @@ def test_results_api(finished):
 def test_report_reuses_the_test_evaluation(finished):
     _, folder, _ = finished
     evaluated = (folder / "final_eval.json").read_text()
-    run = tune("report", str(folder))
-    assert run.returncode == 0, process_output(run.stdout, run.stderr)
-    assert "Evaluating" not in run.stdout  # the test split is not scored again
+    code, out, err = tune_in_process("report", str(folder))
+    assert code == 0, process_output(out, err)
+    assert "Evaluating" not in out  # the test split is not scored again
     assert (folder / "final_eval.json").read_text() == evaluated
-    assert "| tiny | text |" in run.stdout
+    assert "| tiny | text |" in out
 
 
 def test_compare(finished, tmp_path):

@@ -1,31 +1,25 @@
-"""Through `tune.py`: a study seeded with `start_from`, reported with `report.dynamic` (dynamic_test_ppl)."""
+"""Through `tune.py`'s main, on the shared small Ray: a study seeded with `start_from`, reported with
+`report.dynamic` (dynamic_test_ppl)."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from lmtune import load_results
 from lmtune.report import compare
-from tests.conftest import write_tiny_experiment
+from tests.conftest import process_output, tune_in_process, write_tiny_experiment
 
-REPO = Path(__file__).resolve().parents[2]
 START = {"model.family": "lstm", "optim.lr": 5e-3}
 
 
-def test_seeded_study_with_a_dynamic_evaluation_column(tmp_path, markov_corpus_dir):
+def test_seeded_study_with_a_dynamic_evaluation_column(ray_session, tmp_path, markov_corpus_dir):
     path = write_tiny_experiment(
         tmp_path / "seeded.yaml", markov_corpus_dir, tmp_path / "results", trials=2,
         scheduler={"type": "fifo", "max_epochs": 1}, start_from=[START], report={"top_k": 2, "dynamic": True},
         fixed={"eval.dynamic_stat_windows": 5, "eval.dynamic_stat_batch_size": 8, "eval.dynamic_batch_size": 4,
                "eval.dynamic_bptt": 8})
-    run = subprocess.run([sys.executable, str(REPO / "tune.py"), str(path), "--num-cpus", "2", "--no-dashboard"],
-                         cwd=REPO, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    code, out, err = tune_in_process(str(path), "--no-dashboard")
+    assert code == 0, process_output(out, err)
     folder = tmp_path / "results" / "seeded"
     trials = pd.read_csv(folder / "trials.csv")
     assert ((trials["family"] == "lstm") & (trials["optim.lr"] == START["optim.lr"])).any()
