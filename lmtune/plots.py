@@ -10,10 +10,12 @@ all draw with these. Figures are made without pyplot, so nothing here opens a wi
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from pathlib import Path
 
 import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -118,10 +120,13 @@ def param_importances(results: Results) -> Figure:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             ax = plot_param_importances(study)
             plt.close(ax.figure)  # the caller gets the figure; pyplot's list of open ones does not
+            if ax.get_legend():
+                ax.get_legend().remove()  # Optuna labels its one series "Objective Value": nothing to tell apart
             ax.figure.set_size_inches(8, 4.5)
-            ax.set_title(f"Parameter importances for valid perplexity (Optuna, fANOVA): {results.name}", loc="left")
-            ax.set_xlabel("importance (fraction of the variance explained)")
+            ax.set_xlabel("importance (Optuna's fANOVA: the share of the variance explained)")
             ax.figure.tight_layout()
+            _fit_title(ax, f"Parameter importances for valid perplexity: {results.name}")
+            ax.figure.tight_layout()  # room for the title's lines
     except (ValueError, RuntimeError, KeyError) as err:  # e.g. settings no two trials share (conditional ones)
         print(f"note: no parameter importances for {results.name}: {err}")
         return _note_figure("Parameter importances", f"not available: {err}")
@@ -214,6 +219,16 @@ def _mark_end(ax, x: float, y: float, how: str, color: str) -> None:
 def _legend(ax, note: str = "") -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small", title=note or None, title_fontsize="x-small")
+
+
+def _fit_title(ax, text: str) -> None:
+    """A left-aligned title, wrapped so that it ends inside the figure (it starts where the axes do, after the
+    setting names)."""
+    renderer = FigureCanvasAgg(ax.figure).get_renderer()  # to measure text (pyplot's closed figure has none)
+    for width in range(len(text), 19, -5):
+        title = ax.set_title(textwrap.fill(text, width), loc="left")
+        if title.get_window_extent(renderer).x1 <= ax.figure.bbox.x1:
+            return
 
 
 def _note_figure(title: str, text: str) -> Figure:

@@ -6,6 +6,7 @@ import optuna
 import pandas as pd
 import pytest
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 from lmtune import load_results, plots
 from lmtune.cli import main
@@ -77,6 +78,22 @@ def test_importances_of_the_real_study(results):
     assert "Parameter importances" in fig.axes[0].get_title(loc="left")
     names = {label.get_text() for label in fig.axes[0].get_yticklabels()}
     assert "optim.lr" in names
+
+
+@pytest.mark.parametrize("name", ["tiny", "ptb_2m65_mogrify_with_a_name_longer_than_any_so_far"])
+def test_the_importance_figure_shows_its_whole_title_and_no_legend(results, reported_experiment, tmp_path, name):
+    """Its title was cut off at the right ("... (Optuna, fANOV") and a legend said "Objective Value"."""
+    folder = tmp_path / name
+    folder.mkdir()
+    optuna.copy_study(from_study_name="tiny", from_storage=f"sqlite:///{reported_experiment / 'optuna.db'}",
+                      to_storage=f"sqlite:///{folder / 'optuna.db'}", to_study_name=name)
+    fig = plots.param_importances(Results(folder, results.trials, results.history))
+    plots.save_png(fig, tmp_path / "importance.png")  # laid out as written
+    ax = fig.axes[0]
+    assert name in ax.get_title(loc="left").replace("\n", " ")
+    title = next(t for t in fig.findobj(Text) if t.get_text() == ax.get_title(loc="left"))
+    assert title.get_window_extent().x1 <= fig.bbox.x1 and ax.xaxis.label.get_window_extent().x1 <= fig.bbox.x1
+    assert ax.get_legend() is None
 
 
 def test_importances_without_enough_trials_is_a_note(results, tmp_path, capsys):
