@@ -15,14 +15,13 @@ import sys
 from pathlib import Path
 
 from lmcore import files
-from lmcore.config import Config, make_config
+from lmcore.config import Config
 from lmcore.data import DataError
 from lmcore.exitcodes import ExitCode, quiet_when_output_closes
 from lmtune.schema import Experiment, ExperimentError, load_experiment
 
 COMMANDS = ("run", "check", "report", "compare", "export-best", "runs")
 WIDTH_DRAWS = 16  # random draws of the space over which `check` shows each family's width
-MANAGED_PER_TRIAL = ("train.threads", "train.device", "train.progress")  # the tuner's choices, not the recipe's
 
 
 @quiet_when_output_closes
@@ -149,10 +148,9 @@ def compare_command(args: argparse.Namespace) -> int:
 
 
 def export_best(args: argparse.Namespace) -> int:
-    """The best trial's full lmcore config as a YAML file that `python -m lmcore train --config` reruns."""
-    import yaml
-
-    from lmtune.results import load_results
+    """The best trial's lmcore config (the model as built, the settings its family reads) as a YAML file that
+    `python -m lmcore train --config` reruns."""
+    from lmtune.results import config_yaml, load_results
 
     out = Path(args.out)
     _keep_existing([out], args.force)
@@ -165,11 +163,10 @@ def export_best(args: argparse.Namespace) -> int:
         raise ExperimentError(f"{args.folder}: no finished trial{' of family ' + args.family if args.family else ''}"
                               f" to export (families with one: {families})")
     best = ranked.iloc[0]
-    settings = {k: v for k, v in results.config(best["trial_id"]).flat().items() if k not in MANAGED_PER_TRIAL}
     rerun = f"python -m lmcore train --run-name {results.name}_{best['trial_id']} --config {out}"
     header = (f"# The best {best['family']} trial ({best['trial_id']}, best valid ppl {best['best_valid_ppl']:.2f}) "
               f"of {results.folder}\n# rerun: {rerun}\n")
-    files.write_text(out, header + yaml.safe_dump(make_config({}, settings).model_dump(), sort_keys=False))
+    files.write_text(out, header + config_yaml(*results.built_config(best["trial_id"])))
     print(f"written: {out}\nrerun it (add --set train.epochs=N or train.seed=S to change it): {rerun}")
     return 0
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from lmcore import files
+from lmcore.config import Config
 from lmtune.layout import CHECKPOINT_FILE, FAMILY_TABLE, TOP_K_TABLE, TRIALS_TABLE, ExperimentFolder
 from lmtune.results import (
     COMPARE_COLUMNS,
@@ -22,6 +22,7 @@ from lmtune.results import (
     FAMILY_COLUMNS,
     Results,
     compare_frame,
+    config_yaml,
     load_results,
     with_columns,
 )
@@ -47,9 +48,10 @@ def report(folder: str | Path, evaluate: bool = True) -> dict[str, Any]:
     write_table(families, layout.table(FAMILY_TABLE), parquet=False)
     files.write_atomically(layout.history, lambda f: results.history.to_parquet(f, index=False))
     figures = write_figures(results)
-    summary = _summary(results, families, evals)
+    built = results.built_config(families["trial_id"].iloc[0]) if len(families) else None  # the best trial's
+    summary = _summary(results, families, evals, built)
     files.write_text(layout.summary_json, json.dumps(summary, indent=2, default=_json_value) + "\n")
-    files.write_text(layout.summary_md, _summary_markdown(summary, results, families, top_k, figures))
+    files.write_text(layout.summary_md, _summary_markdown(summary, results, families, top_k, figures, built))
     return summary
 
 
@@ -105,7 +107,8 @@ def compare(folders: list[str | Path]) -> pd.DataFrame:
     return with_columns(compare_frame(folders), COMPARE_COLUMNS)
 
 
-def _summary(results: Results, families: pd.DataFrame, evals: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _summary(results: Results, families: pd.DataFrame, evals: dict[str, dict[str, Any]],
+             built: tuple[Config, int | None] | None) -> dict[str, Any]:
     exp, trials = results.experiment, results.trials
     best_id = families["trial_id"].iloc[0] if len(families) else None
     best_row = results.trials.set_index("trial_id").loc[best_id] if best_id else None
@@ -125,14 +128,14 @@ def _summary(results: Results, families: pd.DataFrame, evals: dict[str, dict[str
             "epochs": best_row["epochs"],
             "best_valid_ppl": best_row["best_valid_ppl"],
             **{k: v for k, v in evals.get(best_id, {}).items() if k != "config"},
-            "config": evals.get(best_id, {}).get("config"),
+            "config": built[0].flat(),  # the model as built: its width solved from any params_budget
         },
         "families": families.to_dict(orient="records"),
     }
 
 
 def _summary_markdown(summary: dict[str, Any], results: Results, families: pd.DataFrame, top_k: int,
-                      figures: list[str]) -> str:
+                      figures: list[str], built: tuple[Config, int | None] | None) -> str:
     best = summary["best"] or {}
     status = ", ".join(f"{n} {s}" for s, n in summary["status"].items())
     lines = [
@@ -150,9 +153,8 @@ def _summary_markdown(summary: dict[str, Any], results: Results, families: pd.Da
         ]
     lines += ["## Best per family", "", markdown(families), "", f"## Top {top_k}", "", markdown(results.top(top_k)), ""]
     lines += ["## Figures", ""] + [f"![{Path(name).stem}]({name})" for name in figures] + [""]
-    if best.get("config"):
-        config = yaml.safe_dump(best["config"], sort_keys=False).strip()
-        lines += ["## Best configuration", "", "```yaml", config, "```", ""]
+    if built:
+        lines += ["## Best configuration", "", "```yaml", config_yaml(*built).strip(), "```", ""]
     return "\n".join(lines)
 
 

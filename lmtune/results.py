@@ -5,6 +5,7 @@
     results.trials          # one row per trial: status, epochs, best_valid_ppl, params, tokens/s, time, settings
     results.history         # one row per trial and epoch (learning curves), with the trial's family and settings
     results.top(5); results.best_per_family(); results.config(trial_id); results.summary  # after `tune.py report`
+    print(config_yaml(*results.built_config(trial_id)))   # the model as built, the settings its family reads
 """
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
-from lmcore.config import Config, make_config
+from lmcore.checkpoint import load_checkpoint
+from lmcore.config import Config, make_config, set_dotted
+from lmcore.models.families import applies_to, width_setting
 from lmcore.train import EpochMetrics
-from lmtune.layout import ExperimentFolder
+from lmtune.layout import CHECKPOINT_FILE, ExperimentFolder
 from lmtune.layout import ray_folder as ray_folder  # where benchmarks and older code import it from
 from lmtune.schema import ExperimentSpec
 from lmtune.space import trial_settings
@@ -30,6 +34,7 @@ ENDED = ("completed", "early-stopped", "diverged", "error")  # a trial in any ot
 FAMILY_COLUMNS = ["family", "trial_id", "params", "best_valid_ppl", "valid_ppl", "test_ppl", "trials", "compute_h"]
 COMPARE_COLUMNS = ["experiment", "dataset", *FAMILY_COLUMNS]
 DYNAMIC_COLUMN = "dynamic_test_ppl"  # with report.dynamic: each family's best under dynamic evaluation
+MANAGED_PER_TRIAL = ("train.threads", "train.device", "train.progress")  # the tuner's choices, not the recipe's
 
 
 @dataclass(repr=False)
@@ -85,6 +90,12 @@ class Results:
         trial = next(t for t in self.analysis.trials if t.trial_id == trial_id)
         return make_config({}, {**self.base, **trial_settings(trial.config or {})})
 
+    def built_config(self, trial_id: str) -> tuple[Config, int | None]:
+        """The trial's config with the model as it was built (a params_budget solved into its width), read from
+        its best checkpoint, and that model's parameter count; without a checkpoint, the config and None."""
+        checkpoint = self.best_checkpoint(trial_id)
+        return built_config(checkpoint / CHECKPOINT_FILE) if checkpoint else (self.config(trial_id), None)
+
     def searched(self) -> list[str]:
         """The settings the search chose (the trials' dotted columns), model.family excluded."""
         return [c for c in self.trials.columns if "." in c]
@@ -105,6 +116,37 @@ def read_snapshot(folder: str | Path) -> tuple[ExperimentSpec | None, dict[str, 
     # The snapshot keeps the search space as its description (lines of text), not the file it came from.
     raw["search_space"] = "\n".join(raw.pop("space", None) or [])
     return ExperimentSpec.model_validate(raw), base
+
+
+def built_config(checkpoint_file: Path) -> tuple[Config, int]:
+    """A checkpoint's config with the model as built (its width solved from any params_budget), and its parameter
+    count."""
+    model, _, config = load_checkpoint(checkpoint_file)
+    return config.model_copy(update={"model": model.config}), model.num_parameters()
+
+
+def config_yaml(config: Config, params: int | None) -> str:
+    """What summary.md, `tune.py export-best` and the notebook show of a trial's config: the settings its family
+    reads (not the tuner's per-trial ones), as YAML that `python -m lmcore train --config` reads, after a comment
+    line on the model built."""
+    family = config.model.family
+    tree: dict[str, Any] = {}
+    for name, value in config.flat().items():
+        if applies_to(family, name) and name not in MANAGED_PER_TRIAL:
+            set_dotted(tree, name, value)
+    return f"# {model_line(config, params)}\n" + yaml.safe_dump(tree, sort_keys=False)
+
+
+def model_line(config: Config, params: int | None) -> str:
+    """E.g. "the model built: mogrifier, model.hidden 203 (solved from model.params_budget 2,000,000), 1,999,412
+    parameters"."""
+    model, width = config.model, width_setting(config.model.family)
+    if params is None and model.params_budget:  # no checkpoint to read the solved width from
+        return f"the model: {model.family}, {width} solved from model.params_budget {model.params_budget:,} when built"
+    line = f"the model built: {model.family}, {width} {config.flat()[width]}"
+    if model.params_budget:
+        line += f" (solved from model.params_budget {model.params_budget:,})"
+    return line + (f", {params:,} parameters" if params is not None else "")
 
 
 def load_results(folder: str | Path) -> Results:
