@@ -11,8 +11,10 @@ from . import dynamic
 from .checkpoint import CheckpointError, Loaded, load_checkpoint
 from .config import Config, make_config
 from .data import Corpus, DataError, Vocab, load_corpus
+from .evaluation import evaluate
+from .final import evaluate_checkpoint
 from .models import build_model
-from .train import evaluate, evaluate_checkpoint, train
+from .train import train
 
 __all__ = ["CheckpointError", "Config", "Corpus", "DataError", "Loaded", "Vocab", "build_model", "dynamic", "evaluate",
            "evaluate_checkpoint", "load_checkpoint", "load_corpus", "make_config", "train"]

@@ -40,9 +40,9 @@ from .config import (
     parse_value,
 )
 from .data import Corpus, DataError, load_corpus
-from .dynamic import choose_and_test
 from .exitcodes import ExitCode, quiet_when_output_closes
-from .train import check_fits, evaluate_checkpoint, resolve_device, train
+from .final import choose_and_test, evaluate_checkpoint
+from .train import check_fits, resolve_device, train
 
 log = logging.getLogger("lmcore")
 

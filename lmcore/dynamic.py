@@ -12,6 +12,8 @@ parameter tensors), clipped at 1 / decay: weights whose gradients are large move
     dyn = prepare(model, corpus.train, config.eval)             # the gradient RMS (method rms)
     lmcore.evaluate(model, corpus.test, eos_id=..., dynamic=dyn)  # weights restored afterwards
     settings, valid = choose(model, corpus.valid, dyn, eos_id=...)  # lr and decay searched on valid
+
+For a checkpoint, lmcore.final.choose_and_test does all three.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,8 +28,8 @@ from torch import Tensor, nn
 
 from .batching import batchify, bptt_windows, eval_batches
 from .config import EvalConfig
+from .evaluation import loss_and_ppl, score_window
 from .models import detach_state
-from .train import load_for_evaluation, loss_and_ppl, score_window
 
 
 @dataclass
@@ -162,16 +163,3 @@ def choose(model: nn.Module, valid: Tensor, dynamic: DynamicEval, *, eos_id: int
     decay = min((s.dynamic_decay * f for f in factors), key=lambda d: score(lr, d))
     return dynamic.with_settings(dynamic_lr=lr, dynamic_decay=decay), tried[lr, decay]
 
-
-def choose_and_test(path: str | Path, data_dir: str | None = None, device: str = "auto",
-                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """For a checkpoint: choose lr and decay on valid (see `choose`, starting from the run's eval.* settings
-    with `overrides`), then score test once with them."""
-    model, vocab, config, corpus = load_for_evaluation(path, data_dir, device)
-    config = config.updated(overrides or {})
-    dynamic = prepare(model, corpus.train, config.eval, amp=config.train.amp)
-    best, valid = choose(model, corpus.valid, dynamic, eos_id=vocab.eos_id, amp=config.train.amp)
-    test = best.evaluate(model, corpus.test, eos_id=vocab.eos_id, device=next(model.parameters()).device,
-                         amp=config.train.amp)
-    return {"dynamic_valid_ppl": valid["ppl"], "dynamic_test_ppl": test["ppl"],
-            "dynamic_lr": best.settings.dynamic_lr, "dynamic_decay": best.settings.dynamic_decay}

@@ -1,7 +1,7 @@
-"""Training and evaluation: `train(config, report)` runs one configuration, `evaluate` scores a split.
+"""Training: `train(config, report)` runs one configuration and reports after every epoch.
 
-Perplexity is exp(mean cross-entropy over every token of the split). Validation runs after each epoch;
-the test split is only scored when a caller asks for it (final evaluation), never here.
+Validation (lmcore/evaluation.py) runs after each epoch; the test split is only scored when a caller asks for
+it (the final evaluation, lmcore/final.py), never here.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .averaging import Averager
-from .batching import batchify, bptt_windows, eval_batches
+from .batching import batchify, bptt_windows
 from .config import Config, SettingError, make_config
-from .data import Corpus, DataError, Vocab, load_corpus
+from .data import Corpus, load_corpus
+from .evaluation import autocast, evaluate, safe_exp
 from .models import LanguageModel, build_model, detach_state, solve_budget
 
 log = logging.getLogger("lmcore")
@@ -86,91 +87,6 @@ def check_fits(config: Config, corpus: Corpus, eval_batch_size: int | None = Non
         solve_budget(config.model, len(corpus.vocab))
     except ValueError as err:
         raise SettingError(str(err)) from None
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on GPU (no loss scaling needed, unlike fp16); a no-op elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
-
-
-@torch.no_grad()
-def evaluate(model: LanguageModel, tokens: Tensor, *, eos_id: int, batch_size: int = 10, bptt: int = 35,
-             device: torch.device | str | None = None, amp: bool = False, dynamic=None) -> dict[str, float]:
-    """Score every token of `tokens` exactly once, carrying the state across the whole split.
-    `dynamic` (a lmcore.dynamic.DynamicEval) scores with dynamic evaluation instead, in its own windows and
-    batch size (eval.dynamic_bptt, eval.dynamic_batch_size); the model's weights are restored afterwards."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    if dynamic is not None:
-        return dynamic.evaluate(model, tokens, eos_id=eos_id, device=device, amp=amp)
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    state = None
-    for inputs, targets in eval_batches(tokens, batch_size, bptt, eos_id):
-        loss, scored, state = score_window(model, inputs, targets, state, device, amp)
-        total += loss
-        count += scored
-    model.train(was_training)
-    return loss_and_ppl(total, count)
-
-
-def score_window(model: LanguageModel, inputs: Tensor, targets: Tensor, state, device: torch.device,
-                 amp: bool) -> tuple[Tensor, int, object]:
-    """(summed cross-entropy of the window's scored targets, how many were scored, the new state)."""
-    targets = targets.to(device)
-    with autocast(device, amp):
-        logits, state = model(inputs.to(device), state)
-    loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                                       reduction="sum")
-    return loss, int((targets != -100).sum()), state
-
-
-def loss_and_ppl(total: Tensor, count: int) -> dict[str, float]:
-    loss = total.item() / count
-    return {"loss": loss, "ppl": safe_exp(loss), "tokens": count}
-
-
-def evaluate_checkpoint(path: str | Path, splits: tuple[str, ...] = ("valid", "test"), *,
-                        batch_size: int | None = None, data_dir: str | None = None,
-                        device: str = "auto", dynamic: dict[str, Any] | None = None
-                        ) -> tuple[dict[str, dict[str, float]], Config]:
-    """The final evaluation: a checkpoint's loss and perplexity on the asked splits (test only when asked),
-    with the run's own data, bptt and (by default) evaluation batch size. Returns ({split: result}, config).
-    `dynamic`: dynamic evaluation, with these `eval.*` settings over the run's own (e.g. {} for the run's)."""
-    model, vocab, config, corpus = load_for_evaluation(path, data_dir, device)
-    reuse_freed_memory()
-    scoring = dict(eos_id=vocab.eos_id, batch_size=batch_size or config.data.eval_batch_size,
-                   bptt=config.data.bptt, amp=config.train.amp)
-    for split in splits:
-        if scoring["batch_size"] > getattr(corpus, split).numel():
-            raise SettingError(f"batch size: {scoring['batch_size']} is more than the "
-                               f"{getattr(corpus, split).numel():,} tokens of the {split} split")
-    if dynamic is not None:
-        from .dynamic import prepare  # dynamic.py builds on this module
-
-        config = config.updated(dynamic)
-        scoring["dynamic"] = prepare(model, corpus.train, config.eval, amp=config.train.amp)
-    scores = {}
-    for split in splits:  # a long evaluation says what it is doing
-        started = time.perf_counter()
-        how = (f"dynamic, batch size {config.eval.dynamic_batch_size}, a step every {config.eval.dynamic_bptt} tokens"
-               if dynamic is not None else f"batch size {scoring['batch_size']}")
-        log.info("evaluating %s on %s (%s tokens, %s) ...", path, split, f"{getattr(corpus, split).numel():,}", how)
-        scores[split] = evaluate(model, getattr(corpus, split), **scoring)
-        log.info("%s: loss %.4f, ppl %.2f (%.1fs)", split, scores[split]["loss"], scores[split]["ppl"],
-                 time.perf_counter() - started)
-    return scores, config
-
-
-def load_for_evaluation(path: str | Path, data_dir: str | None,
-                        device: str) -> tuple[LanguageModel, Vocab, Config, Corpus]:
-    """A checkpoint's (model, vocab, config) and its corpus, checked to share the vocabulary."""
-    model, vocab, config = checkpoint.load_checkpoint(path, resolve_device(device))
-    corpus = load_corpus(config.data.name, data_dir or config.data.dir)
-    if corpus.vocab != vocab:
-        raise DataError(f"{path}: the checkpoint's vocabulary does not match {config.data.name}'s")
-    return model, vocab, config, corpus
 
 
 def make_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -361,7 +277,3 @@ def duration(seconds: float) -> str:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
-
-def safe_exp(loss: float) -> float:
-    """exp that saturates to inf instead of raising OverflowError; NaN also gives inf."""
-    return math.exp(loss) if loss < 700 else math.inf

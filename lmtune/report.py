@@ -79,7 +79,7 @@ def final_evaluation(results: Results, trial_ids: list[str], dynamic: bool = Fal
             cache[key] = evaluate_checkpoint(checkpoint / CHECKPOINT_FILE)
             files.write_text(cache_file, json.dumps(cache, indent=2) + "\n")
         if dynamic and DYNAMIC_COLUMN not in cache[key]:
-            from lmcore.dynamic import choose_and_test
+            from lmcore.final import choose_and_test
 
             print(f"Dynamic evaluation of trial {trial_id} (lr and decay chosen on valid, then test once): {key}")
             cache[key].update(choose_and_test(checkpoint / CHECKPOINT_FILE))

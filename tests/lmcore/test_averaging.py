@@ -5,7 +5,7 @@ import torch
 import lmcore
 from lmcore.averaging import Averager
 from lmcore.config import make_config
-from lmcore.train import evaluate
+from lmcore.evaluation import evaluate
 
 
 def setup(average, **optim):

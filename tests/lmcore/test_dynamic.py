@@ -8,9 +8,10 @@ import lmcore
 from lmcore.batching import eval_batches
 from lmcore.cli import main
 from lmcore.config import EvalConfig, make_config
-from lmcore.dynamic import DynamicEval, choose, choose_and_test, prepare
+from lmcore.dynamic import DynamicEval, choose, prepare
+from lmcore.evaluation import evaluate
+from lmcore.final import choose_and_test
 from lmcore.models import build_model, detach_state
-from lmcore.train import evaluate
 
 
 def tiny_config(corpus_dir, family, **overrides):

@@ -8,7 +8,7 @@ import torch
 
 import lmcore
 from lmcore.config import make_config
-from lmcore.train import evaluate
+from lmcore.evaluation import evaluate
 from tests.conftest import REPO_ROOT, process_output, run_process
 
 FAMILIES = ["mogrifier", "lstm", "gru", "rnn", "transformer"]

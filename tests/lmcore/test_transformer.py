@@ -5,8 +5,8 @@ from pydantic import ValidationError
 
 import lmcore
 from lmcore.config import make_config
+from lmcore.evaluation import evaluate
 from lmcore.models import build_model
-from lmcore.train import evaluate
 
 
 def transformer(memory, layers=2, pos_encode="rope", **overrides):
