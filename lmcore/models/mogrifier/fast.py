@@ -36,7 +36,9 @@ per-call setup (buffers, packing, the gate-backward factors).
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -46,36 +48,36 @@ from .workspace import Carve, release_workspace
 
 __all__ = ["mogrifier_lstm", "release_workspace"]
 
+# Sizes, as in the comments below: T steps, B batch rows, m input size, n hidden size.
 
-class _Round:
-    """One round. Its matrix and bias are used halved (exact in floating point):
-    full rank z/2 = s @ (M/2)^T + b/2, low rank z/2 = (s @ R^T) @ (L/2)^T + b/2."""
-
-    def __init__(self, index: int, version: int, params: tuple[Tensor, ...]):
-        self.odd = index % 2 == 1  # odd rounds (1, 3, ...) update x from h, even rounds h from x
-        self.version = version  # the x (odd) or h (even) version this round makes, from 1
-        self.matrix, self.right, self.bias = params if len(params) == 3 else (params[0], None, params[1])
-
-    def forward_shapes(self) -> list[tuple[int, int]]:
-        half_t = self.matrix.shape[::-1]
-        return [half_t] if self.right is None else [half_t, self.right.shape[::-1]]
-
-    def prepare_forward(self, carve) -> None:
-        """half_t: (M/2)^T or (L/2)^T, contiguous; right_t: R^T contiguous (low rank)."""
-        self.half_t = torch.mul(self.matrix.t(), 0.5, out=carve(*self.matrix.shape[::-1]))
-        self.right_t = None if self.right is None else carve(*self.right.shape[::-1]).copy_(self.right.t())
-        self.bias_half = self.bias * 0.5
-
-    def prepare_backward(self, carve) -> None:
-        self.half = torch.mul(self.matrix, 0.5, out=carve(*self.matrix.shape))
+Carver = Callable[..., Tensor]  # carve(*shape): the next [shape] buffer of one call's workspace buffer
 
 
-def _round_plan(low_rank: tuple[bool, ...], params: tuple[Tensor, ...] | list[Tensor]) -> list[_Round]:
-    rounds, it, versions = [], iter(params), [0, 0]
-    for i, lr in enumerate(low_rank, start=1):
-        versions[i % 2] += 1
-        rounds.append(_Round(i, versions[i % 2], tuple(next(it) for _ in range(3 if lr else 2))))
+class Round(NamedTuple):
+    """One round's parameters: z = M s + b at full rank, z = L (R s) + b at low rank (s: the source vector)."""
+
+    updates_x: bool  # odd rounds (1, 3, ...) update x from h, even rounds h from x
+    version: int  # the version of x (odd) or h (even) this round makes, counted from 1
+    matrix: Tensor  # M [target, source], or L [target, rank]
+    right: Tensor | None  # R [rank, source]; None at full rank
+    bias: Tensor
+
+
+def _rounds(low_rank: tuple[bool, ...], params: tuple[Tensor, ...] | list[Tensor]) -> list[Round]:
+    """The rounds from their flat parameters: per round (M, b), or (L, R, b) where low_rank says so."""
+    rounds, params, made = [], iter(params), {True: 0, False: 0}  # made: versions of x (True) and h so far
+    for i, factored in enumerate(low_rank, start=1):
+        updates_x = i % 2 == 1
+        made[updates_x] += 1
+        matrix = next(params)
+        right = next(params) if factored else None
+        rounds.append(Round(updates_x, made[updates_x], matrix, right, next(params)))
     return rounds
+
+
+def _made_by(round_: Round, x_versions: list, h_versions: list) -> Tensor:
+    """The x or h version that a round makes."""
+    return (x_versions if round_.updates_x else h_versions)[round_.version]
 
 
 def _cpp_loops(x: Tensor, c: Tensor):
@@ -88,129 +90,178 @@ def _cpp_loops(x: Tensor, c: Tensor):
     return cpu.extension()
 
 
-def _optional(empty: Tensor):
+def _or_empty(empty: Tensor):
     """The C++ loops take an empty tensor for None."""
     return lambda t: empty if t is None else t
+
+
+def _fresh(like: Tensor) -> Carver:
+    """New memory for each buffer: without keep the buffers are one step long, and memory that small is cheap
+    (the workspace is for the big [T, B, ...] buffers)."""
+    return lambda *shape: torch.empty(shape, device=like.device, dtype=like.dtype)
 
 
 # -- forward ------------------------------------------------------------------------------------------------
 
 
-def _forward_buffers(x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor | None, rounds: list[_Round], keep: bool,
-                     cpp) -> SimpleNamespace:
-    """Every buffer of the forward, carved from one workspace buffer (kept for the backward); without `keep`
-    the per-step buffers are one step long and reused."""
+@dataclass
+class ForwardBuffers:
+    """Every buffer the forward writes. With `keep` (gradients wanted) the per-step buffers hold all T steps and
+    are saved for the backward; without it they are one step long (`steps` = 1) and reused at every step."""
+
+    carve: Carver  # the rest of the workspace buffer: the loops' copies of the weights
+    steps: int
+    out: Tensor  # [T, B, n] h of every step: the layer's output
+    c_all: Tensor  # [T + 1, B, n] c0, then the cell state of every step
+    xh: Tensor  # [steps, B, m + n] [final x | final h]: the input of the gate matmul
+    gates: Tensor  # [steps, B, 4n] i, f, g, o after their activations
+    tanh_c: Tensor  # [steps, B, n] tanh(c)
+    forget: Tensor | None  # [T, B, n] f of every step, for the backward (first a temporary); None without keep
+    # Version 0 is x itself / the previous h (masked: its own buffer, else None); each round makes a new version
+    # of its target; the last version of each is written straight into its half of `xh`.
+    x_versions: list[Tensor]
+    h_versions: list[Tensor | None]
+    round_tanh: list[Tensor]  # per round: u = tanh(z / 2) at every step
+    round_low: list[Tensor | None]  # per round: R s at every step (low rank), else None
+    copy_x: bool  # no round makes an x and xh is reused per step: every step copies x into xh
+    copy_h: bool  # no round makes an h and there is no mask: every step copies the previous h into xh
+
+
+def _forward_shapes(T: int, B: int, m: int, n: int, rounds: list[Round], masked: bool, pooled_c: bool,
+                    cpp) -> list[tuple[int, ...]]:
+    """The shapes carved from the workspace buffer (with keep), in the order `_forward_buffers` and then the
+    loops carve them."""
+    x_made = sum(rd.updates_x for rd in rounds)
+    h_made = len(rounds) - x_made
+    shapes = [(T + 1, B, n)] * pooled_c  # c_all
+    shapes += [(T, B, m + n), (T, B, 4 * n), (T, B, n), (T, B, n)]  # xh, gates, tanh_c, forget
+    shapes += [(T, B, m)] * max(x_made - 1, 0) + [(T, B, n)] * max(h_made - 1, 0)  # versions between 0 and last
+    shapes += [(T, B, n)] * (masked and h_made > 0)  # the masked previous h
+    shapes += [(T, B, m if rd.updates_x else n) for rd in rounds]  # round_tanh
+    shapes += [(T, B, rd.right.shape[0]) for rd in rounds if rd.right is not None]  # round_low
+    shapes += [(m + n, 4 * n)]  # [W_ih | W_hh], or its transpose
+    if cpp is None:  # the Python loop's halved, transposed round matrices (the C++ loops pack their own)
+        shapes += [shape for rd in rounds for shape in _halved_transposed_shapes(rd)]
+    return shapes
+
+
+def _forward_buffers(x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor | None, rounds: list[Round], keep: bool,
+                     cpp) -> ForwardBuffers:
+    """Every buffer of the forward, carved from one workspace buffer with `keep`, else one step long."""
     T, B, m = x.shape
     n = h0.shape[1]
-    new = dict(device=x.device, dtype=x.dtype)
-    x_last = sum(rd.odd for rd in rounds)  # how many new x versions the rounds make
-    h_last = len(rounds) - x_last
     steps = T if keep else 1
-    out = torch.empty(T, B, n, **new)
-    # One workspace buffer for everything else: the shapes of all that is carved from it below.
-    pooled_c = c0.dtype == x.dtype
-    shapes = [(T + 1, B, n)] * pooled_c + [(steps, B, m + n), (steps, B, 4 * n), (steps, B, n)]
-    shapes += [(T, B, n) if keep else (0,)]
-    shapes += [(steps, B, m)] * max(x_last - 1, 0) + [(steps, B, n)] * max(h_last - 1, 0)
-    shapes += [(steps, B, n)] * (mask is not None and h_last > 0)
-    shapes += [(steps, B, m if rd.odd else n) for rd in rounds]
-    shapes += [(steps, B, rd.right.shape[0]) for rd in rounds if rd.right is not None]
-    shapes += [(m + n, 4 * n)] + [shape for rd in rounds for shape in rd.forward_shapes() if cpp is None]
-    carve = Carve(shapes, x.dtype, x.device) if keep else (lambda *shape: torch.empty(shape, **new))
+    x_made = sum(rd.updates_x for rd in rounds)
+    h_made = len(rounds) - x_made
+    out = torch.empty(T, B, n, device=x.device, dtype=x.dtype)  # returned to the caller: never reused
+    pooled_c = c0.dtype == x.dtype  # under autocast the cell state is float32, x is not
+    carve = Carve(_forward_shapes(T, B, m, n, rounds, mask is not None, pooled_c, cpp), x.dtype,
+                  x.device) if keep else _fresh(x)
     c_all = carve(T + 1, B, n) if pooled_c else torch.empty(T + 1, B, n, device=x.device, dtype=c0.dtype)
     c_all[0] = c0
-    xh = carve(steps, B, m + n)  # [final x | final h]: the input of the gate matmul
-    gates = carve(steps, B, 4 * n)  # i, f, g, o
-    tanh_c = carve(steps, B, n)
-    forget = carve(T, B, n) if keep else None  # (first a temporary)
-    # The x and h versions: version 0 is x itself / the previous h (masked: own buffer); each round
-    # makes a new version of its target; the last version of each lives in its half of `xh`.
-    x_ver = [x] + [carve(steps, B, m) for _ in range(x_last - 1)] + [xh[..., :m]] * (x_last > 0)
-    h_ver = [None] + [carve(steps, B, n) for _ in range(h_last - 1)] + [xh[..., m:]] * (h_last > 0)
+    xh, gates, tanh_c = carve(steps, B, m + n), carve(steps, B, 4 * n), carve(steps, B, n)
+    forget = carve(T, B, n) if keep else None
+    x_versions = [x] + [carve(steps, B, m) for _ in range(x_made - 1)] + [xh[..., :m]] * (x_made > 0)
+    h_versions = [None] + [carve(steps, B, n) for _ in range(h_made - 1)] + [xh[..., m:]] * (h_made > 0)
     if mask is not None:
-        h_ver[0] = carve(steps, B, n) if h_last > 0 else xh[..., m:]
-    if x_last == 0 and keep:
-        xh[..., :m].copy_(x)
-    for rd in rounds:
-        rd.tanh = carve(steps, B, m if rd.odd else n)
-    for rd in rounds:
-        rd.low = None if rd.right is None else carve(steps, B, rd.right.shape[0])
-    return SimpleNamespace(T=T, B=B, m=m, n=n, steps=steps, carve=carve, out=out, c_all=c_all, xh=xh,
-                           gates=gates, tanh_c=tanh_c, forget=forget, x_ver=x_ver, h_ver=h_ver, x_last=x_last,
-                           h_last=h_last, copy_x=x_last == 0 and not keep, copy_h=h_last == 0 and mask is None)
+        h_versions[0] = carve(steps, B, n) if h_made > 0 else xh[..., m:]
+    if x_made == 0 and keep:
+        xh[..., :m].copy_(x)  # once for all steps
+    round_tanh = [carve(steps, B, m if rd.updates_x else n) for rd in rounds]
+    round_low = [None if rd.right is None else carve(steps, B, rd.right.shape[0]) for rd in rounds]
+    return ForwardBuffers(carve, steps, out, c_all, xh, gates, tanh_c, forget, x_versions, h_versions, round_tanh,
+                          round_low, copy_x=x_made == 0 and not keep, copy_h=h_made == 0 and mask is None)
 
 
-def _forward_loop_cpp(cpp, b: SimpleNamespace, rounds: list[_Round], x: Tensor, h0: Tensor, mask: Tensor | None,
+def _forward_loop_cpp(cpp, buf: ForwardBuffers, rounds: list[Round], x: Tensor, h0: Tensor, mask: Tensor | None,
                       w_ih: Tensor, w_hh: Tensor, bias: Tensor, keep: bool) -> None:
     """The loop over time in C++ (cpu.cpp), on the same buffers."""
-    w = b.carve(4 * b.n, b.m + b.n)  # [W_ih | W_hh]
-    w[:, : b.m].copy_(w_ih)
-    w[:, b.m :].copy_(w_hh)
-    opt = _optional(x.new_empty(0))
+    m, n = x.shape[2], h0.shape[1]
+    gate_weights = buf.carve(4 * n, m + n)  # [W_ih | W_hh]: the C++ loops pack it themselves
+    gate_weights[:, :m].copy_(w_ih)
+    gate_weights[:, m:].copy_(w_hh)
+    opt = _or_empty(x.new_empty(0))
     cpp.forward_loop(
-        x, h0, b.c_all, b.out, b.xh, b.gates, b.tanh_c, opt(b.forget), w, bias, opt(mask),
-        opt(b.h_ver[0] if mask is not None else None),
-        [rd.odd for rd in rounds], [rd.matrix for rd in rounds], [opt(rd.right) for rd in rounds],
-        [rd.bias for rd in rounds], [rd.tanh for rd in rounds],
-        [(b.x_ver if rd.odd else b.h_ver)[rd.version] for rd in rounds], [opt(rd.low) for rd in rounds],
-        keep, b.copy_x, b.copy_h,
+        x, h0, buf.c_all, buf.out, buf.xh, buf.gates, buf.tanh_c, opt(buf.forget), gate_weights, bias, opt(mask),
+        opt(buf.h_versions[0]),
+        [rd.updates_x for rd in rounds], [rd.matrix for rd in rounds], [opt(rd.right) for rd in rounds],
+        [rd.bias for rd in rounds], buf.round_tanh, [_made_by(rd, buf.x_versions, buf.h_versions) for rd in rounds],
+        [opt(low) for low in buf.round_low],
+        keep, buf.copy_x, buf.copy_h,
     )  # fmt: skip
 
 
-def _forward_loop_python(b: SimpleNamespace, rounds: list[_Round], x: Tensor, h0: Tensor, mask: Tensor | None,
+def _halved_transposed_shapes(rd: Round) -> list[tuple[int, ...]]:
+    """The shapes `_round_forward_steps` carves for a round: (M / 2)^T or (L / 2)^T, and R^T."""
+    return [rd.matrix.shape[::-1]] + ([] if rd.right is None else [rd.right.shape[::-1]])
+
+
+class _RoundForwardSteps(NamedTuple):
+    """One round as the Python forward loop uses it: its weights prepared, its buffers as per-step views."""
+
+    updates_x: bool
+    bias_half: Tensor  # b / 2
+    half_t: Tensor  # (M / 2)^T or (L / 2)^T, contiguous (a transposed view is 2-3x slower on the CPU)
+    right_t: Tensor | None  # R^T, contiguous (low rank)
+    tanh: tuple[Tensor, ...]  # u
+    after: tuple[Tensor, ...]  # the version the round makes
+    low: tuple[Tensor, ...] | None  # R s (low rank)
+
+
+def _round_forward_steps(buf: ForwardBuffers, rounds: list[Round]) -> list[_RoundForwardSteps]:
+    """The rounds for the Python forward loop; z / 2 = s (M / 2)^T + b / 2 (halving is exact)."""
+    prepared = []
+    for rd, tanh, low in zip(rounds, buf.round_tanh, buf.round_low):
+        half_t = torch.mul(rd.matrix.t(), 0.5, out=buf.carve(*rd.matrix.shape[::-1]))
+        right_t = None if rd.right is None else buf.carve(*rd.right.shape[::-1]).copy_(rd.right.t())
+        after = _made_by(rd, buf.x_versions, buf.h_versions)
+        prepared.append(_RoundForwardSteps(rd.updates_x, rd.bias * 0.5, half_t, right_t, tanh.unbind(0),
+                                           after.unbind(0), None if low is None else low.unbind(0)))
+    return prepared
+
+
+def _forward_loop_python(buf: ForwardBuffers, rounds: list[Round], x: Tensor, h0: Tensor, mask: Tensor | None,
                          w_ih: Tensor, w_hh: Tensor, bias: Tensor, keep: bool) -> None:
     """The loop over time in Python: the readable version of the C++ loop, and what runs elsewhere."""
-    T, B, m, n, steps = b.T, b.B, b.m, b.n, b.steps
-    w_t = b.carve(m + n, 4 * n)  # [W_ih | W_hh]^T, contiguous: gates = [x | h] @ w_t + bias
-    w_t[:m].copy_(w_ih.t())
-    w_t[m:].copy_(w_hh.t())
-    for rd in rounds:
-        rd.prepare_forward(b.carve)
-    # Per-step views, made once.
-    X, OUT, C, XH, G, TC = (a.unbind(0) for a in (x, b.out, b.c_all, b.xh, b.gates, b.tanh_c))
+    T, B, m = x.shape
+    n = h0.shape[1]
+    gate_weights_t = buf.carve(m + n, 4 * n)  # gates = [x | h] @ [W_ih | W_hh]^T + bias: one addmm per step
+    gate_weights_t[:m].copy_(w_ih.t())
+    gate_weights_t[m:].copy_(w_hh.t())
+    round_steps = _round_forward_steps(buf, rounds)
+    # Per-step views, made once: list look-ups in the loop instead of indexing (a dispatcher call each).
+    X, OUT, C, XH, G, TC = (a.unbind(0) for a in (x, buf.out, buf.c_all, buf.xh, buf.gates, buf.tanh_c))
     H_PREV = (h0, *OUT[:-1])
-    G_IF = b.gates[..., : 2 * n].unbind(0)
-    G_I, G_F, G_G, G_O = (b.gates.view(steps, B, 4, n)[:, :, k].unbind(0) for k in range(4))
-    H_MASKED = None if mask is None else b.h_ver[0].unbind(0)
-    XH_X, XH_H = b.xh[..., :m].unbind(0), b.xh[..., m:].unbind(0)
-    loop_rounds = [
-        (
-            rd.odd,
-            rd.bias_half,
-            rd.half_t,
-            rd.right_t,
-            rd.tanh.unbind(0),
-            (b.x_ver if rd.odd else b.h_ver)[rd.version].unbind(0),
-            None if rd.low is None else rd.low.unbind(0),
-        )
-        for rd in rounds
-    ]
+    G_IF = buf.gates[..., : 2 * n].unbind(0)
+    G_I, G_F, G_G, G_O = (buf.gates.view(buf.steps, B, 4, n)[:, :, k].unbind(0) for k in range(4))
+    H_MASKED = None if mask is None else buf.h_versions[0].unbind(0)
+    XH_X, XH_H = buf.xh[..., :m].unbind(0), buf.xh[..., m:].unbind(0)
     addmm, addcmul, mul, mm, tanh = torch.addmm, torch.addcmul, torch.mul, torch.mm, torch.tanh
 
     for t in range(T):
-        s = t if keep else 0
+        s = t if keep else 0  # this step's row of the per-step buffers
         h_cur, x_cur = H_PREV[t], X[t]
         if mask is not None:
             h_cur = mul(h_cur, mask, out=H_MASKED[s])
-        elif b.copy_h:
+        elif buf.copy_h:
             XH_H[s].copy_(h_cur)
-        if b.copy_x:
+        if buf.copy_x:
             XH_X[s].copy_(x_cur)
-        for odd, b_half, half_t, right_t, U, NEW, LOW in loop_rounds:
+        for updates_x, bias_half, half_t, right_t, U, AFTER, LOW in round_steps:
             u = U[s]
-            src, tgt = (h_cur, x_cur) if odd else (x_cur, h_cur)
+            src, tgt = (h_cur, x_cur) if updates_x else (x_cur, h_cur)
             if right_t is None:
-                addmm(b_half, src, half_t, out=u)
+                addmm(bias_half, src, half_t, out=u)
             else:
                 low = LOW[s]
                 mm(src, right_t, out=low)
-                addmm(b_half, low, half_t, out=u)
+                addmm(bias_half, low, half_t, out=u)
             u.tanh_()
-            if odd:  # x <- 2 sigmoid(z) x = x + x tanh(z/2)
-                x_cur = addcmul(tgt, tgt, u, out=NEW[s])
+            if updates_x:  # x <- 2 sigmoid(z) x = x + x tanh(z/2)
+                x_cur = addcmul(tgt, tgt, u, out=AFTER[s])
             else:
-                h_cur = addcmul(tgt, tgt, u, out=NEW[s])
-        addmm(bias, XH[s], w_t, out=G[s])
+                h_cur = addcmul(tgt, tgt, u, out=AFTER[s])
+        addmm(bias, XH[s], gate_weights_t, out=G[s])
         G_IF[s].sigmoid_()
         G_G[s].tanh_()
         G_O[s].sigmoid_()
@@ -221,11 +272,12 @@ def _forward_loop_python(b: SimpleNamespace, rounds: list[_Round], x: Tensor, h0
         mul(G_O[s], tc, out=OUT[t])
 
 
-def _gate_backward_factors(b: SimpleNamespace) -> None:
+def _gate_backward_factors(buf: ForwardBuffers) -> None:
     """Elementwise factors of the gate backward, for all steps at once (the C++ loop writes them itself).
     Afterwards `gates` holds [g i(1-i), c_prev f(1-f), i(1-g^2), tanh(c) o(1-o)]: d gates =
     [dc, dc, dc, dh] * gates; tanh_c holds d c / d h = o (1 - tanh(c)^2); forget holds f."""
-    n, gates, tanh_c, forget = b.n, b.gates, b.tanh_c, b.forget
+    gates, tanh_c, forget = buf.gates, buf.tanh_c, buf.forget
+    n = tanh_c.shape[-1]
     ig, fg, gg, og = gates[..., :n], gates[..., n : 2 * n], gates[..., 2 * n : 3 * n], gates[..., 3 * n :]
     tmp = torch.mul(og, tanh_c, out=forget)
     torch.addcmul(og, tmp, tanh_c, value=-1, out=tanh_c)
@@ -234,94 +286,160 @@ def _gate_backward_factors(b: SimpleNamespace) -> None:
     torch.addcmul(ig, tmp, gg, value=-1, out=gg)
     torch.addcmul(tmp, tmp, ig, value=-1, out=ig)
     forget.copy_(fg)
-    torch.mul(forget, b.c_all[:-1], out=fg)
+    torch.mul(forget, buf.c_all[:-1], out=fg)
     fg.addcmul_(fg, forget, value=-1)
+
+
+# -- what the backward reads --------------------------------------------------------------------------------
+
+
+@dataclass
+class SavedForBackward:
+    """What the backward reads: the forward's buffers (after `_gate_backward_factors`) and its inputs."""
+
+    out: Tensor  # [T, B, n] h of every step
+    h0: Tensor
+    mask: Tensor | None
+    w_ih: Tensor
+    w_hh: Tensor
+    xh: Tensor  # [T, B, m + n] [final x | final h] of every step
+    gate_factors: Tensor  # [T, B, 4n] d gates = [dc, dc, dc, dh] * gate_factors
+    forget: Tensor  # [T, B, n] f
+    dc_dh: Tensor  # [T, B, n] d c / d h = o (1 - tanh(c)^2)
+    x_versions: list[Tensor]  # as in ForwardBuffers
+    h_versions: list[Tensor | None]
+    round_tanh: list[Tensor]
+    round_low: list[Tensor | None]
+    rounds: list[Round]
+
+    @staticmethod
+    def save(ctx, buf: ForwardBuffers, x: Tensor, h0: Tensor, mask: Tensor | None, w_ih: Tensor, w_hh: Tensor,
+             low_rank: tuple[bool, ...], round_params: tuple[Tensor, ...]) -> None:
+        """Everything through save_for_backward: freed after the backward unless retain_graph."""
+        ctx.low_rank = low_rank
+        ctx.save_for_backward(
+            buf.out, h0, mask, w_ih, w_hh, buf.xh, buf.gates, buf.forget, buf.tanh_c, x, buf.h_versions[0],
+            *buf.x_versions[1:-1], *buf.h_versions[1:-1], *buf.round_tanh, *buf.round_low, *round_params,
+        )  # fmt: skip
+
+    @classmethod
+    def load(cls, ctx) -> SavedForBackward:
+        """What `save` saved, with the x and h versions and the rounds rebuilt."""
+        out, h0, mask, w_ih, w_hh, xh, gate_factors, forget, dc_dh, x, h_version0, *rest = ctx.saved_tensors
+        m = xh.shape[-1] - out.shape[-1]
+        r = len(ctx.low_rank)
+        x_mid, h_mid = max((r + 1) // 2 - 1, 0), max(r // 2 - 1, 0)  # versions between the first and last
+        x_versions = [x, *rest[:x_mid], xh[..., :m]]
+        h_versions = [h_version0, *rest[x_mid : x_mid + h_mid], xh[..., m:]]
+        rest = rest[x_mid + h_mid :]
+        return cls(out, h0, mask, w_ih, w_hh, xh, gate_factors, forget, dc_dh, x_versions, h_versions, rest[:r],
+                   rest[r : 2 * r], _rounds(ctx.low_rank, rest[2 * r :]))
 
 
 # -- backward -----------------------------------------------------------------------------------------------
 
 
-def _unpack_saved(ctx) -> SimpleNamespace:
-    """What the forward saved, with the x and h versions and the rounds rebuilt."""
-    saved = list(ctx.saved_tensors)
-    out, h0, mask, w_ih, w_hh, xh, gates, forget, dc_dh, x, h_ver0 = saved[:11]
-    T, B, n = out.shape
-    m = xh.shape[-1] - n
-    r = len(ctx.low_rank)
-    x_mid, h_mid = max((r + 1) // 2 - 1, 0), max(r // 2 - 1, 0)  # intermediate versions
-    rest = saved[11:]
-    x_ver = [x, *rest[:x_mid], xh[..., :m]]
-    h_ver = [h_ver0, *rest[x_mid : x_mid + h_mid], xh[..., m:]]
-    rest = rest[x_mid + h_mid :]
-    return SimpleNamespace(T=T, B=B, m=m, n=n, out=out, h0=h0, mask=mask, w_ih=w_ih, w_hh=w_hh, xh=xh,
-                           gates=gates, forget=forget, dc_dh=dc_dh, x_ver=x_ver, h_ver=h_ver, tanhs=rest[:r],
-                           lows=rest[r : 2 * r], rounds=_round_plan(ctx.low_rank, rest[2 * r :]))
+@dataclass
+class BackwardBuffers:
+    """The gradients the backward computes, and its scratch; the forward's buffers stay intact (retain_graph)."""
+
+    carve: Carver  # the rest of the workspace buffer: the Python loop's scratch
+    d_h: Tensor  # [T, B, n] d loss / d h_t: d out, completed step by step with what step t + 1 passes back
+    d_c: Tensor  # [B, n] d loss / d c_t of the step being run; d c0 at the end
+    d_gates: Tensor  # [T, B, 4n] d loss / d (i, f, g, o before their activations)
+    d_xh: Tensor  # [T, B, m + n] d [final x | final h]; when the rounds are undone, d [x | masked previous h]
+    d_h0: Tensor  # [B, n]
+    round_d_z: list[Tensor]  # per round: d loss / d z' (z' = z / 2, what the tanh takes)
+    round_d_low: list[Tensor | None]  # per round: d loss / d (R s) (low rank), else None
+    gate_weights: Tensor  # [4n, m + n] [W_ih | W_hh]
+    h_prev: Tensor  # [T, B, n] the previous h of every step, unmasked (filled where round 1 needs it)
 
 
-def _backward_buffers(s: SimpleNamespace, ctx, d_out: Tensor, d_ht: Tensor, d_ct: Tensor) -> SimpleNamespace:
-    """The backward's buffers, carved from one workspace buffer (the forward's stay intact: retain_graph)."""
-    T, B, m, n = s.T, s.B, s.m, s.n
-    new = dict(device=s.out.device, dtype=s.out.dtype)
-    shapes = [(T, B, n), (T, B, 4 * n), *(u.shape for u in s.tanhs)]
-    shapes += [k.shape for k in s.lows if k is not None] + [(4 * n, m + n), (T, B, n)]
+def _backward_buffers(saved: SavedForBackward, ctx, d_out: Tensor, d_ht: Tensor, d_ct: Tensor) -> BackwardBuffers:
+    """The backward's buffers, carved from one workspace buffer."""
+    T, B, n = saved.out.shape
+    m = saved.xh.shape[-1] - n
+    shapes = [(T, B, n), (T, B, 4 * n), *(u.shape for u in saved.round_tanh)]
+    shapes += [low.shape for low in saved.round_low if low is not None] + [(4 * n, m + n), (T, B, n)]
     if ctx.cpp is None:  # the Python loop's scratch rows and halved round matrices
-        shapes += [(B, m), (B, n)] + [rd.matrix.shape for rd in s.rounds]
-    carve = Carve(shapes, s.out.dtype, s.out.device)
-    d_h = carve(T, B, n)  # d loss / d h_t, completed step by step
+        shapes += [(B, m), (B, n)] + [rd.matrix.shape for rd in saved.rounds]
+    carve = Carve(shapes, saved.out.dtype, saved.out.device)
+    d_h = carve(T, B, n)
     d_h.copy_(d_out)
     d_h[T - 1] += d_ht
     d_gates = carve(T, B, 4 * n)
-    es = [carve(*u.shape) for u in s.tanhs]
-    d_lows = [None if k is None else carve(*k.shape) for k in s.lows]
-    w = carve(4 * n, m + n)  # [W_ih | W_hh]
-    w[:, :m].copy_(s.w_ih)
-    w[:, m:].copy_(s.w_hh)
-    h_prev = carve(T, B, n)  # the previous h of every step, unmasked (filled if needed)
+    round_d_z = [carve(*u.shape) for u in saved.round_tanh]
+    round_d_low = [None if low is None else carve(*low.shape) for low in saved.round_low]
+    gate_weights = carve(4 * n, m + n)
+    gate_weights[:, :m].copy_(saved.w_ih)
+    gate_weights[:, m:].copy_(saved.w_hh)
+    h_prev = carve(T, B, n)
     d_c = d_ct.to(ctx.c_dtype, copy=True, memory_format=torch.contiguous_format)
-    return SimpleNamespace(carve=carve, d_h=d_h, d_gates=d_gates, es=es, d_lows=d_lows, w=w, h_prev=h_prev,
-                           d_c=d_c, d_xh=torch.empty(T, B, m + n, **new), d_h0=torch.empty(B, n, **new))
+    # d x and d h0 are returned to autograd: their own memory, never reused.
+    d_xh = saved.out.new_empty(T, B, m + n)
+    d_h0 = saved.out.new_empty(B, n)
+    return BackwardBuffers(carve, d_h, d_c, d_gates, d_xh, d_h0, round_d_z, round_d_low, gate_weights, h_prev)
 
 
-def _backward_loop_cpp(cpp, s: SimpleNamespace, g: SimpleNamespace) -> None:
-    """The loop back through time in C++ (cpu.cpp), on the same buffers."""
-    opt = _optional(s.out.new_empty(0))
-    back = list(reversed(list(enumerate(s.rounds))))
+def _backward_loop_cpp(cpp, saved: SavedForBackward, grad: BackwardBuffers) -> None:
+    """The loop back through time in C++ (cpu.cpp), on the same buffers; it takes the rounds last first."""
+    opt = _or_empty(saved.out.new_empty(0))
+    back = list(reversed(range(len(saved.rounds))))
+    rounds = [saved.rounds[i] for i in back]
     cpp.backward_loop(
-        g.d_h, g.d_c, s.dc_dh, s.forget, s.gates, g.d_gates, g.d_xh, g.w, opt(s.mask), g.d_h0,
-        [rd.odd for _, rd in back], [rd.matrix for _, rd in back], [opt(rd.right) for _, rd in back],
-        [s.tanhs[i] for i, _ in back], [g.es[i] for i, _ in back],
-        [(s.x_ver if rd.odd else s.h_ver)[rd.version] for _, rd in back], [opt(g.d_lows[i]) for i, _ in back],
+        grad.d_h, grad.d_c, saved.dc_dh, saved.forget, saved.gate_factors, grad.d_gates, grad.d_xh,
+        grad.gate_weights, opt(saved.mask), grad.d_h0,
+        [rd.updates_x for rd in rounds], [rd.matrix for rd in rounds], [opt(rd.right) for rd in rounds],
+        [saved.round_tanh[i] for i in back], [grad.round_d_z[i] for i in back],
+        [_made_by(rd, saved.x_versions, saved.h_versions) for rd in rounds], [opt(grad.round_d_low[i]) for i in back],
     )  # fmt: skip
 
 
-def _backward_loop_python(s: SimpleNamespace, g: SimpleNamespace) -> None:
+class _RoundBackwardSteps(NamedTuple):
+    """One round as the Python backward loop uses it, its buffers as per-step views."""
+
+    updates_x: bool
+    half: Tensor  # M / 2 or L / 2
+    right: Tensor | None  # R (low rank)
+    tanh: tuple[Tensor, ...]  # u
+    d_z: tuple[Tensor, ...]  # d loss / d z'
+    after: tuple[Tensor, ...]  # the version the round made
+    d_low: tuple[Tensor, ...] | None  # d loss / d (R s) (low rank)
+    scratch: Tensor  # [B, target size]
+
+
+def _round_backward_steps(saved: SavedForBackward, grad: BackwardBuffers) -> list[_RoundBackwardSteps]:
+    """The rounds for the Python backward loop, last round first."""
+    B, n = saved.h0.shape
+    m = saved.xh.shape[-1] - n
+    scratch_x, scratch_h = grad.carve(B, m), grad.carve(B, n)
+    halves = [torch.mul(rd.matrix, 0.5, out=grad.carve(*rd.matrix.shape)) for rd in saved.rounds]
+    prepared = []
+    for i, rd in reversed(list(enumerate(saved.rounds))):
+        d_low = grad.round_d_low[i]
+        prepared.append(_RoundBackwardSteps(
+            rd.updates_x, halves[i], rd.right, saved.round_tanh[i].unbind(0), grad.round_d_z[i].unbind(0),
+            _made_by(rd, saved.x_versions, saved.h_versions).unbind(0), None if d_low is None else d_low.unbind(0),
+            scratch_x if rd.updates_x else scratch_h,
+        ))  # fmt: skip
+    return prepared
+
+
+def _backward_loop_python(saved: SavedForBackward, grad: BackwardBuffers) -> None:
     """The loop back through time in Python: only the sequential chain of state gradients."""
-    T, B, m, n, mask = s.T, s.B, s.m, s.n, s.mask
-    scratch_x, scratch_h = g.carve(B, m), g.carve(B, n)
-    for rd in s.rounds:
-        rd.prepare_backward(g.carve)
-    d_c = g.d_c
+    T, B, n = saved.out.shape
+    m, mask = saved.xh.shape[-1] - n, saved.mask
+    round_steps = _round_backward_steps(saved, grad)
+    d_c = grad.d_c
     d_c3 = d_c.unsqueeze(1)  # a view: broadcasts d c over the i, f, g gates
     # Per-step views, made once.
-    D_H, DC_DH, FORGET, D_XH, D_G = (a.unbind(0) for a in (g.d_h, s.dc_dh, s.forget, g.d_xh, g.d_gates))
-    F_3 = s.gates.view(T, B, 4, n)[:, :, :3].unbind(0)
-    F_O = s.gates[..., 3 * n :].unbind(0)
-    D_G3 = g.d_gates.view(T, B, 4, n)[:, :, :3].unbind(0)
-    D_GO = g.d_gates[..., 3 * n :].unbind(0)
-    D_X, D_HH = g.d_xh[..., :m].unbind(0), g.d_xh[..., m:].unbind(0)
-    loop_rounds = [
-        (
-            rd.odd,
-            rd.half,
-            rd.right,
-            s.tanhs[i].unbind(0),
-            g.es[i].unbind(0),
-            (s.x_ver if rd.odd else s.h_ver)[rd.version].unbind(0),
-            None if g.d_lows[i] is None else g.d_lows[i].unbind(0),
-            scratch_x if rd.odd else scratch_h,
-        )
-        for i, rd in reversed(list(enumerate(s.rounds)))
-    ]
+    D_H, DC_DH, FORGET, D_XH, D_G = (a.unbind(0) for a in (grad.d_h, saved.dc_dh, saved.forget, grad.d_xh,
+                                                           grad.d_gates))
+    F_3 = saved.gate_factors.view(T, B, 4, n)[:, :, :3].unbind(0)
+    F_O = saved.gate_factors[..., 3 * n :].unbind(0)
+    D_G3 = grad.d_gates.view(T, B, 4, n)[:, :, :3].unbind(0)
+    D_GO = grad.d_gates[..., 3 * n :].unbind(0)
+    D_X, D_HH = grad.d_xh[..., :m].unbind(0), grad.d_xh[..., m:].unbind(0)
     addcmul, mul, mm = torch.addcmul, torch.mul, torch.mm
 
     for t in range(T - 1, -1, -1):
@@ -330,54 +448,60 @@ def _backward_loop_python(s: SimpleNamespace, g: SimpleNamespace) -> None:
         d_c.addcmul_(dh, DC_DH[t])
         mul(d_c3, F_3[t], out=D_G3[t])
         d_c.mul_(FORGET[t])  # now d c_{t-1}
-        mm(D_G[t], g.w, out=D_XH[t])
+        mm(D_G[t], grad.gate_weights, out=D_XH[t])
         dx, dhh = D_X[t], D_HH[t]
-        for odd, half, right, U, E, NEW, D_LOW, scratch in loop_rounds:
-            u, e = U[t], E[t]
-            d_tgt, d_src = (dx, dhh) if odd else (dhh, dx)
-            mul(d_tgt, NEW[t], out=scratch)
+        for updates_x, half, right, U, D_Z, AFTER, D_LOW, scratch in round_steps:
+            u, d_z = U[t], D_Z[t]
+            d_tgt, d_src = (dx, dhh) if updates_x else (dhh, dx)
+            mul(d_tgt, AFTER[t], out=scratch)
             d_tgt.addcmul_(d_tgt, u)  # d target before = d target after * (1 + u)
-            addcmul(scratch, scratch, u, value=-1, out=e)  # d z' = d after * after * (1 - u)
+            addcmul(scratch, scratch, u, value=-1, out=d_z)  # d z' = d after * after * (1 - u)
             if right is None:
-                d_src.addmm_(e, half)
+                d_src.addmm_(d_z, half)
             else:
-                d_low = mm(e, half, out=D_LOW[t])
+                d_low = mm(d_z, half, out=D_LOW[t])
                 d_src.addmm_(d_low, right)
-        if t > 0:
+        if t > 0:  # d h_{t-1} += d h (masked), or d h0
             if mask is None:
                 D_H[t - 1].add_(dhh)
             else:
                 D_H[t - 1].addcmul_(dhh, mask)
         elif mask is None:
-            g.d_h0.copy_(dhh)
+            grad.d_h0.copy_(dhh)
         else:
-            mul(dhh, mask, out=g.d_h0)
+            mul(dhh, mask, out=grad.d_h0)
 
 
-def _weight_gradients(s: SimpleNamespace, g: SimpleNamespace) -> list[Tensor]:
+def _round_source(i: int, saved: SavedForBackward, grad: BackwardBuffers) -> Tensor:
+    """The source vector s of round i (from 0), what its matrix multiplied, at every step."""
+    rd = saved.rounds[i]
+    if not rd.updates_x:
+        return saved.x_versions[rd.version]
+    if rd.version > 1 or saved.mask is not None:
+        return saved.h_versions[rd.version - 1]
+    # round 1 without mask: the previous h, unmasked (h0, then the outputs)
+    grad.h_prev[0].copy_(saved.h0)
+    grad.h_prev[1:].copy_(saved.out[:-1])
+    return grad.h_prev
+
+
+def _weight_gradients(saved: SavedForBackward, grad: BackwardBuffers) -> list[Tensor]:
     """d W_ih, d W_hh, d bias and each round's gradients: a few matmuls over all T*B rows at once."""
-    T, B, m, n = s.T, s.B, s.m, s.n
+    T, B, n = saved.out.shape
+    m = saved.xh.shape[-1] - n
     TB = T * B
-    d_gates = g.d_gates.view(TB, 4 * n)
-    d_w = torch.mm(d_gates.t(), s.xh.view(TB, m + n))  # one matmul is faster than two on halves of xh
+    d_gates = grad.d_gates.view(TB, 4 * n)
+    d_w = torch.mm(d_gates.t(), saved.xh.view(TB, m + n))  # one matmul is faster than two on halves of xh
     grads = [d_w[:, :m].contiguous(), d_w[:, m:].contiguous(), d_gates.sum(0)]
-    for i, rd in enumerate(s.rounds):
-        e = g.es[i].view(TB, -1)  # d z' = 2 d z  (z' = z / 2)
-        if not rd.odd:
-            src = s.x_ver[rd.version]
-        elif rd.version > 1 or s.mask is not None:
-            src = s.h_ver[rd.version - 1]
-        else:  # round 1 without mask: the previous h, unmasked
-            g.h_prev[0].copy_(s.h0)
-            g.h_prev[1:].copy_(s.out[:-1])
-            src = g.h_prev
-        src = src.reshape(TB, -1)
+    for i, rd in enumerate(saved.rounds):
+        d_z = grad.round_d_z[i].view(TB, -1)  # d z' = 2 d z  (z' = z / 2): hence the halves below
+        src = _round_source(i, saved, grad).reshape(TB, -1)
         if rd.right is None:
-            grads += [torch.mm(e.t(), src).mul_(0.5), e.sum(0).mul_(0.5)]
+            grads += [torch.mm(d_z.t(), src).mul_(0.5), d_z.sum(0).mul_(0.5)]
         else:
-            d_left = torch.mm(e.t(), s.lows[i].view(TB, -1)).mul_(0.5)
-            d_right = torch.mm(g.d_lows[i].view(TB, -1).t(), src)
-            grads += [d_left, d_right, e.sum(0).mul_(0.5)]
+            d_left = torch.mm(d_z.t(), saved.round_low[i].view(TB, -1)).mul_(0.5)
+            d_right = torch.mm(grad.round_d_low[i].view(TB, -1).t(), src)
+            grads += [d_left, d_right, d_z.sum(0).mul_(0.5)]
     return grads
 
 
@@ -390,38 +514,34 @@ class _MogrifierLSTMFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, low_rank, keep, x, h0, c0, mask, w_ih, w_hh, bias, *round_params):
-        rounds = _round_plan(low_rank, round_params)
-        cpp = _cpp_loops(x, c0)  # the C++ loops take the weights as they are (they pack them)
-        b = _forward_buffers(x, h0, c0, mask, rounds, keep, cpp)
+        rounds = _rounds(low_rank, round_params)
+        cpp = _cpp_loops(x, c0)
+        buf = _forward_buffers(x, h0, c0, mask, rounds, keep, cpp)
         ctx.cpp = cpp  # the backward runs the same loops
         if cpp is None:
-            _forward_loop_python(b, rounds, x, h0, mask, w_ih, w_hh, bias, keep)
+            _forward_loop_python(buf, rounds, x, h0, mask, w_ih, w_hh, bias, keep)
         else:
-            _forward_loop_cpp(cpp, b, rounds, x, h0, mask, w_ih, w_hh, bias, keep)
-        h_t, c_t = b.out[-1].clone(), b.c_all[-1].clone()
+            _forward_loop_cpp(cpp, buf, rounds, x, h0, mask, w_ih, w_hh, bias, keep)
+        h_t, c_t = buf.out[-1].clone(), buf.c_all[-1].clone()
         if not keep:
-            return b.out, h_t, c_t
+            return buf.out, h_t, c_t
         if cpp is None:
-            _gate_backward_factors(b)
-        # Everything through save_for_backward: freed after the backward unless retain_graph.
-        ctx.low_rank, ctx.c_dtype = low_rank, c0.dtype
-        ctx.save_for_backward(
-            b.out, h0, mask, w_ih, w_hh, b.xh, b.gates, b.forget, b.tanh_c, x, b.h_ver[0],
-            *b.x_ver[1:b.x_last], *b.h_ver[1:b.h_last], *(rd.tanh for rd in rounds), *(rd.low for rd in rounds),
-            *round_params,
-        )  # fmt: skip
-        return b.out, h_t, c_t
+            _gate_backward_factors(buf)
+        ctx.c_dtype = c0.dtype
+        SavedForBackward.save(ctx, buf, x, h0, mask, w_ih, w_hh, low_rank, round_params)
+        return buf.out, h_t, c_t
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, d_ht, d_ct):
-        s = _unpack_saved(ctx)
-        g = _backward_buffers(s, ctx, d_out, d_ht, d_ct)
+        saved = SavedForBackward.load(ctx)
+        grad = _backward_buffers(saved, ctx, d_out, d_ht, d_ct)
         if ctx.cpp is None:
-            _backward_loop_python(s, g)
+            _backward_loop_python(saved, grad)
         else:
-            _backward_loop_cpp(ctx.cpp, s, g)
-        return (None, None, g.d_xh[..., : s.m], g.d_h0, g.d_c, None, *_weight_gradients(s, g))
+            _backward_loop_cpp(ctx.cpp, saved, grad)
+        m = saved.xh.shape[-1] - saved.out.shape[-1]
+        return (None, None, grad.d_xh[..., :m], grad.d_h0, grad.d_c, None, *_weight_gradients(saved, grad))
 
 
 def mogrifier_lstm(
