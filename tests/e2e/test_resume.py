@@ -1,4 +1,5 @@
-"""Resume and grow: SIGKILL the driver (and its Ray) mid-experiment, run the same command again: completed trials
+"""Resume and grow: SIGKILL the driver (and its Ray) mid-experiment, run the same command again (in this process, on
+the shared small Ray: the driver that is killed or interrupted is the one that needs a process): completed trials
 are kept, unfinished ones continue, the total is as configured and the Optuna study stays consistent. Ctrl-C
 exits 130, and a finished or interrupted study grows with a larger `--set trials=N`, keeping every trial. ASHA
 keeps what it recorded at its rungs across a restore."""
@@ -16,9 +17,9 @@ import pandas as pd
 from ray.tune.schedulers import TrialScheduler
 
 from lmtune import load_experiment, load_results, run_experiment
-from lmtune.results import ray_folder
-from lmtune.search import RUNGS_FILE, make_scheduler
-from tests.conftest import process_output, run_process, wait_for
+from lmtune.layout import RUNGS_FILE, ray_folder
+from lmtune.search import make_scheduler
+from tests.conftest import process_output, tune_in_process, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -50,7 +51,7 @@ def a_trial_completed(process: subprocess.Popen, folder: Path, log: Path):
     return check
 
 
-def test_killed_driver_resumes_with_the_same_command(tiny_experiment, tmp_path):
+def test_killed_driver_resumes_with_the_same_command(ray_session, tiny_experiment, tmp_path):
     path = tiny_experiment(
         "resume",
         fixed={"train.steps_per_epoch": 40},
@@ -71,10 +72,10 @@ def test_killed_driver_resumes_with_the_same_command(tiny_experiment, tmp_path):
     completed_before = {t for t, s in before.items() if s == "TERMINATED"}
     assert len(completed_before) < 5, "killed too late to test resuming"
 
-    second = run_process(command, cwd=REPO, env=ENV)
-    assert second.returncode == 0, process_output(second.stdout, second.stderr)
-    assert "Resuming resume" in second.stdout
-    assert "taking over the lock" in second.stdout  # the killed driver's lock was stale
+    code, out, err = tune_in_process(*command[2:])  # the same command; on the shared Ray, in this process
+    assert code == 0, process_output(out, err)
+    assert "Resuming resume" in out
+    assert "taking over the lock" in out  # the killed driver's lock was stale
 
     trials = pd.read_csv(folder / "trials.csv")
     assert len(trials) == 5  # the number configured, not 5 more
@@ -94,7 +95,7 @@ def rung_records(folder: Path) -> set[tuple[int, str]]:
     return {(m, t) for rungs in saved["brackets"] for m, recorded in rungs for t in recorded}
 
 
-def test_ctrl_c_exits_130_and_the_interrupted_study_grows(tiny_experiment, tmp_path):
+def test_ctrl_c_exits_130_and_the_interrupted_study_grows(ray_session, tiny_experiment, tmp_path):
     # 8 trials: after the first ends, the rest cannot all finish before the Ctrl-C lands (with 4 they could).
     path = tiny_experiment("interrupt", fixed={"train.steps_per_epoch": 40},
                            scheduler={"type": "asha", "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
@@ -115,9 +116,9 @@ def test_ctrl_c_exits_130_and_the_interrupted_study_grows(tiny_experiment, tmp_p
     assert "run the same command again to resume" in log.read_text()
     recorded = rung_records(folder)
 
-    grown = run_process([*command, "--set", "trials=10"], cwd=REPO, env=ENV)
-    assert grown.returncode == 0, process_output(grown.stdout, grown.stderr)
-    assert "Growing interrupt from 8 to 10 trials" in grown.stdout
+    code, out, err = tune_in_process(*command[2:], "--set", "trials=10")
+    assert code == 0, process_output(out, err)
+    assert "Growing interrupt from 8 to 10 trials" in out
     trials = pd.read_csv(folder / "trials.csv")
     assert len(trials) == 10 and trials["status"].isin(["completed", "early-stopped"]).all()
     # The resumed ASHA started from what it had recorded, not from empty rungs that it then saved over.
