@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lmtune.results import ray_folder
+from lmtune.layout import ray_folder
 from tests.conftest import LSTM_ONLY, write_tiny_experiment
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lmtune.results import ray_folder
+from lmtune.layout import ray_folder
 from lmtune.trainable import DEVICE_OVERRIDE
 from tests.conftest import LSTM_ONLY, write_tiny_experiment
 
