@@ -4,7 +4,8 @@ Every setting of the config vocabulary is a flag of its own dotted name (`--mode
 also from a YAML file (`--config run.yaml`) or as `--set model.rounds=3`. The seed's spelling is
 accepted too: `--dataset`, `--model-type Mogrify|RNN|SAN`, `--rnn-type`, `--pos-encode`,
 `--hidden-size`, `--d-model`, `--heads`, `--depth`, `--gpu`, and `-mode train -run_name X`.
-The run name decides the folder: runs/NAME/ holds config.yaml, train.log, metrics.jsonl, last.pt, best.pt.
+The run name decides the folder: runs/NAME/ holds config.yaml, train.log, metrics.jsonl, last.pt, best.pt
+and final.json (see lmcore/run_folder.py).
 
 Everything is checked (settings, device, data, sizes) before runs/NAME/ is created, and a run that fails
 before its first epoch ends leaves nothing behind. Exit codes: see `ExitCode`.
@@ -15,9 +16,7 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from .config import (
 from .data import Corpus, DataError, load_corpus
 from .exitcodes import ExitCode, quiet_when_output_closes
 from .final import choose_and_test, evaluate_checkpoint
+from .run_folder import RUN_FILES, NewRunFolder, RunFolder
 from .train import check_fits, resolve_device, train
 
 log = logging.getLogger("lmcore")
@@ -54,7 +54,6 @@ SEED_ALIASES = {  # the seed's flag -> the config vocabulary
 # What a resumed run may change: nothing that changes the model's shapes, the optimiser or the training data.
 RESUMABLE = ("train.", "data.dir", "data.eval_batch_size")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
-RUN_FILES = ("last.pt", "metrics.jsonl", "train.log")  # beside config.yaml, these make a folder an lmcore run
 
 
 class UsageError(Exception):
@@ -228,56 +227,21 @@ def preflight(config: Config, test_batch_size: int | None) -> Corpus:
 # -- the run folder --------------------------------------------------------------------------------------
 
 
-def run_folder(runs_dir: str, name: str) -> Path:
+def run_folder(runs_dir: str, name: str) -> RunFolder:
     if not RUN_NAME.fullmatch(name) or ".." in name:
         raise UsageError(f"--run-name {files.short_repr(name)}: expected one folder name of letters, digits and "
                          f". _ + - (starting with a letter or digit, no '..')")
     if Path(runs_dir).exists() and not Path(runs_dir).is_dir():
         raise UsageError(f"--runs-dir {runs_dir}: not a folder")
-    return Path(runs_dir) / name
-
-
-def is_run_folder(path: Path) -> bool:
-    """Recognisably an lmcore run: what --overwrite may remove."""
-    return (path.is_dir() and not path.is_symlink() and (path / "config.yaml").is_file()
-            and any((path / name).is_file() for name in RUN_FILES))
-
-
-class RunFolder:
-    """runs/NAME/ for a new run: created when the run starts; with --overwrite the old folder is set aside
-    and deleted only once the new run has finished an epoch. `abandon` undoes both."""
-
-    def __init__(self, path: Path):
-        self.path, self.old, self.created = path, None, []
-
-    def create(self) -> None:
-        if self.path.exists():  # --overwrite of a checked run folder
-            self.old = self.path.with_name(f".{self.path.name}.replaced-{os.getpid()}")
-            self.path.rename(self.old)
-        for folder in reversed([self.path, *self.path.parents]):
-            if not folder.exists():
-                folder.mkdir()
-                self.created.append(folder)
-
-    def started(self) -> None:
-        if self.old is not None:
-            shutil.rmtree(self.old)
-        self.old, self.created = None, []
-
-    def abandon(self) -> None:
-        for folder in reversed(self.created):
-            shutil.rmtree(folder, ignore_errors=True)
-        if self.old is not None:
-            self.old.rename(self.path)
-        self.old, self.created = None, []
+    return RunFolder(Path(runs_dir) / name)
 
 
 # -- commands -----------------------------------------------------------------------------------------------
 
 
 def run_train(args: argparse.Namespace) -> int:
-    run_dir = run_folder(args.runs_dir, args.run_name)
-    last = run_dir / "last.pt"
+    run = run_folder(args.runs_dir, args.run_name)
+    run_dir, last = run.path, run.last
     from_file, from_flags = file_settings(args), flag_settings(args)
     if args.resume and args.overwrite:
         raise UsageError("give only one of --resume (continue the run) and --overwrite (replace it)")
@@ -289,30 +253,30 @@ def run_train(args: argparse.Namespace) -> int:
         if run_dir.exists() and not args.overwrite:
             raise UsageError(f"{run_dir} already exists: pass --resume to continue it, --overwrite to replace it, "
                              f"or choose another --run-name")
-        if run_dir.exists() and not is_run_folder(run_dir):
-            raise UsageError(f"--overwrite: {run_dir} is not an lmcore run folder (config.yaml with one of "
+        if run_dir.exists() and not run.holds_a_run():
+            raise UsageError(f"--overwrite: {run_dir} is not an lmcore run folder ({run.config.name} with one of "
                              f"{', '.join(RUN_FILES)}); refusing to delete it")
         config = new_config(from_file, from_flags, args.config)
     corpus = preflight(config, args.test_batch_size)
 
-    folder = RunFolder(run_dir)
+    new = NewRunFolder(run_dir)
     if not args.resume:
-        folder.create()
+        new.create()
     file_log = None
     try:
-        files.write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
-        file_log = logging.FileHandler(run_dir / "train.log")
+        files.write_text(run.config, yaml.safe_dump(config.model_dump(), sort_keys=False))
+        file_log = logging.FileHandler(run.log)
         file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logging.getLogger().addHandler(file_log)
-        return train_and_evaluate(args, config, corpus, run_dir, folder)
+        return train_and_evaluate(args, config, corpus, run, new)
     except KeyboardInterrupt:
-        folder.abandon()  # a no-op once an epoch has finished
+        new.abandon()  # a no-op once an epoch has finished
         hint = (f"run the same command with --resume to continue from {last}" if last.is_file()
                 else "nothing was kept (no epoch had finished)")
         print(f"\ninterrupted: {hint}", file=sys.stderr)
         return ExitCode.INTERRUPTED
     except BaseException:
-        folder.abandon()
+        new.abandon()
         raise
     finally:
         if file_log is not None:
@@ -320,23 +284,23 @@ def run_train(args: argparse.Namespace) -> int:
             file_log.close()
 
 
-def train_and_evaluate(args: argparse.Namespace, config: Config, corpus: Corpus, run_dir: Path,
-                       folder: RunFolder) -> int:
-    last, best = run_dir / "last.pt", run_dir / "best.pt"
+def train_and_evaluate(args: argparse.Namespace, config: Config, corpus: Corpus, run: RunFolder,
+                       new: NewRunFolder) -> int:
+    last, best = run.last, run.best
     best_loss = math.inf
 
     def report(metrics, save_checkpoint) -> None:
         nonlocal best_loss
         save_checkpoint(last)
-        with open(run_dir / "metrics.jsonl", "a") as f:
+        with open(run.metrics, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         if metrics["valid_loss"] < best_loss:
             best_loss = metrics["valid_loss"]
             files.copy_file(last, best)
-        folder.started()
+        new.started()
 
-    if args.resume and (run_dir / "metrics.jsonl").is_file():
-        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    if args.resume and run.metrics.is_file():
+        history = [json.loads(line) for line in run.metrics.read_text().splitlines() if line]
         best_loss = min((m["valid_loss"] for m in history), default=math.inf)
     summary = train(config, report=report, resume_from=last if args.resume else None, corpus=corpus)
     log.info("training %s after %d epochs: best valid ppl %.2f", summary["status"], summary["epochs"],
@@ -348,7 +312,7 @@ def train_and_evaluate(args: argparse.Namespace, config: Config, corpus: Corpus,
         for line in table(best, scores, f"batch size {batch_size}"):
             log.info("%s", line)
         final = {"checkpoint": str(best), "batch_size": batch_size, **scores, "status": summary["status"]}
-        files.write_text(run_dir / "final.json", json.dumps(final, indent=2))
+        files.write_text(run.final, json.dumps(final, indent=2))
     if summary["status"] == "diverged":
         log.error("the run diverged at epoch %d: no usable result beyond best.pt (if any)", summary["epochs"])
         return ExitCode.NO_RESULT
@@ -365,7 +329,7 @@ def table(path: Path, scores: dict[str, dict[str, float]], how: str) -> list[str
 def run_evaluate(args: argparse.Namespace) -> int:
     if bool(args.run_name) == bool(args.checkpoint):
         raise UsageError("evaluate: give exactly one of --run-name or --checkpoint")
-    path = Path(args.checkpoint) if args.checkpoint else run_folder(args.runs_dir, args.run_name) / "best.pt"
+    path = Path(args.checkpoint) if args.checkpoint else run_folder(args.runs_dir, args.run_name).best
     if not path.is_file():
         raise UsageError(f"{path}: no such checkpoint")
     dynamic = dynamic_settings(args)

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from lmcore import files
 from lmcore.config import error_lines, make_config
+from lmcore.run_folder import RunFolder
 from lmtune.schema import ExperimentError
 
 # Settings that say where and how a run ran, not what it trained: runs differing only in these (and the seed)
@@ -42,10 +43,11 @@ def load_runs(paths: list[str | Path]) -> pd.DataFrame:
 
 
 def read_run(path: Path) -> dict[str, Any]:
-    config_file, metrics_file, final_file = path / "config.yaml", path / "metrics.jsonl", path / "final.json"
+    run = RunFolder(path)
+    config_file, metrics_file, final_file = run.config, run.metrics, run.final
     if not (config_file.is_file() and metrics_file.is_file()):
-        raise ExperimentError(f"{path}: not a run folder of `python -m lmcore train` (no config.yaml and "
-                              f"metrics.jsonl in it)")
+        raise ExperimentError(f"{path}: not a run folder of `python -m lmcore train` (no {config_file.name} and "
+                              f"{metrics_file.name} in it)")
     try:
         config = make_config(files.read_yaml(config_file))
     except files.FileError as err:
