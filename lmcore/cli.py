@@ -1,8 +1,8 @@
 """Single-run command line: `python -m lmcore train|evaluate ...` (or `lmcore train|evaluate ...`).
 
 Every setting of the config vocabulary is a flag of its own dotted name (`--model.rounds 3`), settable
-also from a YAML file (`--config run.yaml`) or as `--set model.rounds=3`. The seed's spelling is
-accepted too: `--dataset`, `--model-type Mogrify|RNN|SAN`, `--rnn-type`, `--pos-encode`,
+also from a YAML file (`--config run.yaml`) or as `--set model.rounds=3`. The first version's flags
+are accepted too: `--dataset`, `--model-type Mogrify|RNN|SAN`, `--rnn-type`, `--pos-encode`,
 `--hidden-size`, `--d-model`, `--heads`, `--depth`, `--gpu`, and `-mode train -run_name X`.
 The run name decides the folder: runs/NAME/ holds config.yaml, train.log, metrics.jsonl, last.pt, best.pt
 and final.json (see lmcore/run_folder.py).
@@ -47,7 +47,7 @@ from .train import check_fits, resolve_device, train
 log = logging.getLogger("lmcore")
 
 MODEL_TYPES = {"mogrify": "mogrifier", "rnn": None, "san": "transformer"}  # None: decided by --rnn-type
-SEED_ALIASES = {  # the seed's flag -> the config vocabulary
+LEGACY_ALIASES = {  # a flag of the project's first version -> the config vocabulary
     "dataset": "data.name", "pos_encode": "model.pos_encode", "hidden_size": "model.hidden",
     "d_model": "model.d_model", "heads": "model.heads", "depth": "model.layers",
 }
@@ -100,14 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replace an existing runs/NAME/ (only once the new run has finished its first epoch)")
     tr.add_argument("--test-batch-size", type=positive_int, default=None,
                     help="batch size of the final valid/test evaluation (default: data.eval_batch_size)")
-    seed = tr.add_argument_group("the seed's options")
-    seed.add_argument("--dataset", choices=["ptb", "wikitext-2", "text"])
-    seed.add_argument("--model-type", type=str.lower, choices=sorted(MODEL_TYPES))
-    seed.add_argument("--rnn-type", type=str.lower, choices=["lstm", "gru", "rnn"], default="lstm")
-    seed.add_argument("--pos-encode", choices=["none", "sinusoidal", "learned"])
+    legacy = tr.add_argument_group("legacy flags (the first version's, accepted as they were)")
+    legacy.add_argument("--dataset", choices=["ptb", "wikitext-2", "text"])
+    legacy.add_argument("--model-type", type=str.lower, choices=sorted(MODEL_TYPES))
+    legacy.add_argument("--rnn-type", type=str.lower, choices=["lstm", "gru", "rnn"], default="lstm")
+    legacy.add_argument("--pos-encode", choices=["none", "sinusoidal", "learned"])
     for flag in ("--hidden-size", "--d-model", "--heads", "--depth"):
-        seed.add_argument(flag, type=positive_int)
-    seed.add_argument("--gpu", type=int, help="CUDA device index (negative: CPU)")
+        legacy.add_argument(flag, type=positive_int)
+    legacy.add_argument("--gpu", type=int, help="CUDA device index (negative: CPU)")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name, text in field_help().items():
         section = name.rpartition(".")[0]
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def translate_seed_argv(argv: list[str]) -> list[str]:
+def translate_legacy_argv(argv: list[str]) -> list[str]:
     """`-mode train -run_name X -model_type Mogrify` -> `train --run-name X --model-type Mogrify`."""
     if "-mode" not in argv or argv.index("-mode") + 1 >= len(argv):
         return argv
@@ -164,9 +164,9 @@ def file_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def flag_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The settings given as flags (the seed's, the vocabulary's, --set), in that order of precedence."""
+    """The settings given as flags (the legacy flags, the vocabulary's, --set), in that order of precedence."""
     settings: dict[str, Any] = {}
-    for flag, name in SEED_ALIASES.items():
+    for flag, name in LEGACY_ALIASES.items():
         if getattr(args, flag) is not None:
             settings[name] = getattr(args, flag)
     if args.model_type:
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.setLevel(logging.INFO)  # also when the caller configured logging already (train.log needs these lines)
     try:
-        args = build_parser().parse_args(translate_seed_argv(list(sys.argv[1:] if argv is None else argv)))
+        args = build_parser().parse_args(translate_legacy_argv(list(sys.argv[1:] if argv is None else argv)))
     except SystemExit as done:  # --help, or a malformed command line (already reported)
         return done.code if isinstance(done.code, int) else ExitCode.BAD_INPUT
     try:

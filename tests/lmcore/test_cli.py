@@ -6,16 +6,16 @@ import pytest
 import yaml
 
 from lmcore import cli
-from lmcore.cli import main, translate_seed_argv
+from lmcore.cli import main, translate_legacy_argv
 
 TINY = ["--dataset", "text", "--hidden-size", "16", "--depth", "1", "--train.epochs", "2",
         "--data.batch_size", "8", "--data.bptt", "10", "--set", "optim.lr=0.01"]
 
 
-def test_seed_spelling_is_translated():
+def test_legacy_spelling_is_translated():
     argv = ["-mode", "train", "-run_name", "X", "-model_type", "Mogrify", "-hidden_size", "5", "-gpu", "-1"]
-    assert translate_seed_argv(argv) == ["train", "--run-name", "X", "--model-type", "Mogrify",
-                                         "--hidden-size", "5", "--gpu", "-1"]
+    assert translate_legacy_argv(argv) == ["train", "--run-name", "X", "--model-type", "Mogrify",
+                                           "--hidden-size", "5", "--gpu", "-1"]
 
 
 def test_train_writes_the_run_folder_and_evaluate_reads_it(markov_corpus_dir, tmp_path, capsys):

@@ -109,7 +109,7 @@ def unfit_cases():
 
 
 def flag_cases():
-    """Malformed flags of the seed's spelling, unknown flags, --set forms, run names, --test-batch-size."""
+    """Malformed legacy flags (the first version's spelling), unknown flags, --set forms, run names, --test-batch-size."""
     positive = st.one_of(st.integers(max_value=0).map(str), words)
     return st.one_of(
         st.tuples(st.sampled_from(["--hidden-size", "--d-model", "--heads", "--depth", "--test-batch-size"]),
