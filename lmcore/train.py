@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .averaging import Averager
-from .batching import batchify, bptt_windows
-from .config import Config, SettingError, make_config
+from .batching import batchify, bptt_windows, pass_start
+from .config import Config, OptimConfig, SettingError, make_config
 from .data import Corpus, load_corpus
 from .evaluation import autocast, evaluate, safe_exp
 from .models import LanguageModel, build_model, detach_state, solve_budget
@@ -222,8 +222,8 @@ def train_epoch(model: LanguageModel, optimizer: torch.optim.Optimizer, train_da
         return loss_sum.item() / max(tokens, 1)
 
     while True:
-        if loop["position"] >= train_data.shape[0] - 1:
-            loop["position"] = 0
+        if loop["position"] == 0 or loop["position"] >= train_data.shape[0] - 1:  # a new pass over the data
+            loop["position"] = pass_start(data.bptt, data.random_offset, windows)
         state = None  # the state is reset at the start of every pass over the data
         for start, inputs, targets in bptt_windows(train_data, data.bptt, data.variable_bptt, windows,
                                                    start=loop["position"]):
@@ -237,8 +237,7 @@ def train_epoch(model: LanguageModel, optimizer: torch.optim.Optimizer, train_da
             loss = nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if config.optim.clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip)
+            clip_gradients(model, config.optim, inputs.shape[0])
             optimizer.step()
             loss_sum += loss.detach() * targets.numel()
             loop["position"] = start + inputs.shape[0]
@@ -261,6 +260,15 @@ def train_epoch(model: LanguageModel, optimizer: torch.optim.Optimizer, train_da
         if not steps_wanted:
             return mean_loss(), tokens
         loop["position"] = 0  # wrap around and keep going until steps_per_epoch steps
+
+
+def clip_gradients(model: nn.Module, optim: OptimConfig, window_length: int) -> None:
+    """Clip the gradient's norm at optim.clip. Ours is the gradient of the per-token mean loss; lamb's
+    (clip_unit window) is that of the loss summed over the window's steps, window_length times larger, so
+    its bound on ours is clip / window_length."""
+    if optim.clip > 0:
+        bound = optim.clip / window_length if optim.clip_unit == "window" else optim.clip
+        nn.utils.clip_grad_norm_(model.parameters(), bound)
 
 
 def expected_steps(rows: int, bptt: int, variable: bool) -> int:

@@ -1,16 +1,21 @@
 """The settings that reproduce deepmind/lamb's recipe (issue 22), each against a small expectation worked out by
 hand from what lamb's code does: the dropout mask kind, the mixture's latent dropout, the forget bias, the width
 rule within a budget, the averaging trigger and the pass offset of fixed windows."""
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from lmcore.averaging import Averager
 from lmcore.batching import pass_start
-from lmcore.config import make_config
+from lmcore.config import flatten, make_config
 from lmcore.models import build_model, count_parameters, solve_budget
 from lmcore.models.dropout import sequence_dropout
+from lmcore.train import clip_gradients, train_epoch
 
 WT2_VOCAB = 33278  # WikiText-2's vocabulary, <eos> included
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_sequence_masks_repeat_over_time_and_step_masks_do_not():
@@ -177,3 +182,45 @@ def test_random_offset_needs_fixed_windows():
     with pytest.raises(ValueError, match="data.random_offset needs data.variable_bptt false"):
         make_config({}, {"data.random_offset": True})
     assert make_config({}, {"data.random_offset": True, "data.variable_bptt": False}).data.random_offset
+
+
+def test_window_clip_bounds_the_gradient_of_the_summed_loss():
+    """lamb clips the gradient of the loss summed over the window's T steps, T times ours: a bound of 10 on it
+    is a bound of 10 / T on ours. Gradient (3, 4), norm 5: T = 4 clips it to norm 2.5, (1.5, 2); the token unit
+    leaves it under its bound of 10."""
+    for unit, expected in (("window", [1.5, 2.0]), ("token", [3.0, 4.0])):
+        layer = torch.nn.Linear(2, 1, bias=False)
+        layer.weight.grad = torch.tensor([[3.0, 4.0]])
+        clip_gradients(layer, make_config({}, {"optim.clip": 10.0, "optim.clip_unit": unit}).optim, 4)
+        assert torch.allclose(layer.weight.grad, torch.tensor([expected]))
+
+
+def first_window_end(random_offset: bool, seed: int) -> int:
+    config = make_config({}, {"model.family": "lstm", "model.hidden": 8, "model.layers": 1, "data.bptt": 5,
+                              "data.variable_bptt": False, "data.random_offset": random_offset,
+                              "train.steps_per_epoch": 1, "train.progress": False})
+    model = build_model(config, vocab_size=10)
+    loop = {"position": 0, "lr": 1e-3}
+    train_data = torch.randint(0, 10, (100, 2))
+    train_epoch(model, torch.optim.SGD(model.parameters(), lr=1e-3), train_data, config, loop,
+                torch.Generator().manual_seed(seed), torch.device("cpu"), 1)
+    return loop["position"]
+
+
+def test_a_pass_of_fixed_windows_starts_at_a_random_row_below_bptt():
+    """One 5-token window from the start of a pass ends at row 5 without an offset, at 5 + offset with one."""
+    assert {first_window_end(False, seed) for seed in range(5)} == {5}
+    ends = {first_window_end(True, seed) for seed in range(30)}
+    assert ends <= set(range(5, 10)) and len(ends) > 2
+
+
+def test_the_lamb_variant_of_the_2m65_mogrifier_changes_only_lambs_three_pieces():
+    """configs/ptb_2m65_mogrifier_lamb.yaml (docs/results.md) is the section-1 Mogrifier plus lamb's dropout kind,
+    clip unit and fixed windows with a random offset, and nothing else."""
+    def flat(name):
+        return make_config({}, flatten(yaml.safe_load((CONFIGS / name).read_text()))).flat()
+
+    base, lamb = flat("ptb_2m65_mogrifier.yaml"), flat("ptb_2m65_mogrifier_lamb.yaml")
+    assert {k: v for k, v in lamb.items() if base[k] != v} == {
+        "model.dropout.mask": "step", "optim.clip_unit": "window", "data.variable_bptt": False,
+        "data.random_offset": True}

@@ -55,6 +55,7 @@ def test_the_2m65_configs_are_the_size_of_the_lstm_reference():
 def test_config_trains_on_the_command_line(path, markov_corpus_dir, tmp_path):
     """`python -m lmcore train --config configs/X.yaml`, shrunk to a tiny model and a few steps."""
     tiny = ["model.params_budget=null", "model.hidden=16", "model.d_model=16", "model.embedding=8", "model.rank=4",
+            "model.embedding_ratio=null",
             "data.name=text", f"data.dir={markov_corpus_dir}", "data.batch_size=4", "data.bptt=8", "train.epochs=2",
             "train.steps_per_epoch=3", "train.device=cpu"]
     argv = ["train", "--run-name", "x", "--runs-dir", str(tmp_path), "--config", str(path)]
