@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AllowInfNan,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -27,6 +29,7 @@ from .batching import longest_window
 Family = Literal["mogrifier", "lstm", "gru", "rnn", "transformer"]
 RNN_FAMILIES = ("lstm", "gru", "rnn")
 DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+MAX_LINES = 20  # an error message lists at most this many problems (a file of 100k typos is one message)
 
 
 class SettingError(ValueError):
@@ -34,13 +37,10 @@ class SettingError(ValueError):
     str() names the field. The command lines report it as bad input."""
 
 
-def _not_a_bool(value: Any) -> Any:
-    if isinstance(value, bool):  # pydantic would read true as 1
-        raise ValueError("Input should be a valid integer, not a boolean")
-    return value
-
-
-Int = Annotated[int, BeforeValidator(_not_a_bool)]
+# The number types of both vocabularies (lmcore's settings, lmtune's experiments): a whole number must be
+# written as one (`true`, "3" and 3.0 are not 3), and a real must be finite.
+Int = Annotated[int, Strict()]
+Real = Annotated[float, Strict(), AllowInfNan(False)]
 
 
 class _Section(BaseModel):
@@ -305,22 +305,48 @@ def error_lines(err: ValidationError, source: str, prefix: str = "") -> list[str
     return list(dict.fromkeys(lines))  # a union type can report the same problem twice
 
 
-def did_you_mean(name: str, names=None) -> str:
+def error_message(lines: list[str]) -> str:
+    """The lines of one error message, each once, at most MAX_LINES of them."""
+    lines = list(dict.fromkeys(lines))
+    more = len(lines) - MAX_LINES
+    return "\n".join(lines[:MAX_LINES] + [f"... and {more} more problems"] * (more > 0))
+
+
+def did_you_mean(name: str, names: Iterable[str] | None = None) -> str:
     """" (did you mean model.rounds?)" for a misspelt setting, else ""."""
     close = difflib.get_close_matches(name, sorted(names if names is not None else field_names()), n=1)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def unknown_setting(where: str, name: str, names: Iterable[str] | None = None) -> str:
+    """`WHERE: unknown setting (did you mean model.rounds?)`: the one message for a misspelt setting `name`
+    (among `names`, by default lmcore's)."""
+    return f"{where}: unknown setting{did_you_mean(name, names)}"
 
 
 def _deepcopy(tree: dict[str, Any]) -> dict[str, Any]:
     return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in tree.items()}
 
 
+def parse_override(text: str, experiment_keys: bool = False) -> tuple[str, Any]:
+    """`--set KEY=VALUE` of both command lines: "model.rounds=3" -> ("model.rounds", 3). An lmcore setting's
+    value is read by `parse_value`; with `experiment_keys`, a key outside lmcore's sections (tune.py's
+    `trials=8`, `search_space=...`) is accepted and its value read as YAML. ValueError: "KEY: problem"."""
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise ValueError(f"{text if len(text) <= 80 else text[:77] + '...'}: expected key=value")
+    if experiment_keys and name.split(".")[0] not in Config.model_fields:
+        return name, read_value(name, value)
+    return name, parse_value(name, value)
+
+
 def parse_value(name: str, text: str) -> Any:
-    """Turn command-line text into a value for field `name` (YAML scalars: 3, 0.5, true, 1e-3);
+    """Command-line text -> a value for lmcore setting `name`, read as YAML (3, 0.5, true, 1e-3);
     "none"/"null" mean None for fields that accept None. Validation happens in make_config."""
     if name not in field_names():
-        raise ValueError(f"unknown setting {name!r}{did_you_mean(name)}")
-    value = files.parse_value(text)
+        raise ValueError(unknown_setting(name, name))
+    value = read_value(name, text)
     if isinstance(value, str) and value.lower() in ("none", "null") and _accepts_none(name):
         return None
     if isinstance(value, (dict, list)):
@@ -328,12 +354,13 @@ def parse_value(name: str, text: str) -> Any:
     return value
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """"model.rounds=3" -> ("model.rounds", 3)."""
-    name, sep, value = text.partition("=")
-    if not sep:
-        raise ValueError(f"expected key=value, got {text!r}")
-    return name.strip(), parse_value(name.strip(), value)
+def read_value(name: str, text: str) -> Any:
+    """Command-line text as YAML reads it, within a settings file's limits (size, nesting, aliases: ValueError
+    naming `name`); text YAML cannot parse stays text."""
+    try:
+        return files.parse_value(text, name)
+    except files.FileError as err:
+        raise ValueError(str(err)) from None
 
 
 def _accepts_none(name: str) -> bool:

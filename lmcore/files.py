@@ -30,6 +30,10 @@ class FileError(ValueError):
     """A file that cannot be read as one of ours; str() names the file and what is wrong."""
 
 
+class LimitError(FileError):
+    """YAML beyond the limits above (size, nesting, aliases, values): refused, never read."""
+
+
 class _SafeLoader(yaml.SafeLoader):
     """SafeLoader with limits, duplicate-key detection and YAML 1.2-style floats (`1e-3`)."""
 
@@ -122,17 +126,21 @@ def parse_yaml(text: str, source: str) -> Any:
         problem = getattr(err, "problem", None) or getattr(err, "context", None) or "cannot be parsed"
         mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise FileError(f"{source}: not valid YAML: {problem}{where}") from None
+        error = LimitError if isinstance(err, _LimitError) else FileError
+        raise error(f"{source}: not valid YAML: {problem}{where}") from None
     except RecursionError:
-        raise FileError(f"{source}: nested too deeply") from None
+        raise LimitError(f"{source}: nested too deeply") from None
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value as YAML reads it (`4`, `1e-3`, `true`, `null`, `[a, b]`); unparsable text stays text."""
+def parse_value(text: str, source: str = "value") -> Any:
+    """A command-line value as YAML reads it (`4`, `1e-3`, `true`, `null`, `[a, b]`), within the limits of a
+    file (LimitError, naming `source`); text YAML cannot parse stays text."""
     if len(text) > MAX_YAML_BYTES:
-        raise FileError(f"a value of {len(text):,} characters is too long")
+        raise LimitError(f"{source}: a value of {len(text):,} characters is too long")
     try:
-        return parse_yaml(text, "value") if text.strip() else text
+        return parse_yaml(text, source) if text.strip() else text
+    except LimitError:
+        raise
     except FileError:
         return text
 

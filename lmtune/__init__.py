@@ -8,9 +8,10 @@
     from lmtune import plots; plots.learning_curves(results)   # matplotlib Figures
     runs = load_runs(["runs/a_seed1", "runs/a_seed2"]); seed_groups(runs)   # single lmcore runs, mean ± sd
 """
+from lmtune.experiment import Experiment, load_experiment
 from lmtune.results import Results, compare_frame, load_results, results_frame
 from lmtune.runs import load_runs, seed_groups
-from lmtune.schema import Experiment, ExperimentError, load_experiment
+from lmtune.schema import ExperimentError
 
 __all__ = [
     "Experiment",

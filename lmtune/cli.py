@@ -18,7 +18,8 @@ from lmcore import files
 from lmcore.config import Config
 from lmcore.data import DataError
 from lmcore.exitcodes import ExitCode, quiet_when_output_closes
-from lmtune.schema import Experiment, ExperimentError, load_experiment
+from lmtune.experiment import Experiment, load_experiment
+from lmtune.schema import ExperimentError
 
 COMMANDS = ("run", "check", "report", "compare", "export-best", "runs")
 WIDTH_DRAWS = 16  # random draws of the space over which `check` shows each family's width

@@ -17,8 +17,9 @@ import yaml
 
 from lmcore import files
 from lmcore.config import flatten
+from lmtune.experiment import Experiment
 from lmtune.layout import LOCK_FILE, OURS, SNAPSHOT_FILE, ExperimentFolder
-from lmtune.schema import Experiment, ExperimentError
+from lmtune.schema import ExperimentError
 
 GROWABLE = "trials"  # the one setting a resumed study may change (upwards)
 

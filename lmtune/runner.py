@@ -7,9 +7,10 @@ import os
 import socket
 
 from lmtune import ray_guard
+from lmtune.experiment import Experiment
 from lmtune.folder import FolderLock, Plan, check_folder, prepare_folder
 from lmtune.layout import RAY_FOLDER, ExperimentFolder
-from lmtune.schema import Experiment, ExperimentError
+from lmtune.schema import ExperimentError
 from lmtune.search import make_scheduler, make_searcher, restore_study
 
 _guard = None  # the process that kills what is left of the Ray we started, when we exit however we exit

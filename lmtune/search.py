@@ -13,8 +13,8 @@ from ray.tune.search.optuna import OptunaSearch
 
 from lmcore import files
 from lmtune import ray_internals
+from lmtune.experiment import Experiment
 from lmtune.layout import RUNGS_FILE, ExperimentFolder
-from lmtune.schema import Experiment
 
 RAY_TRIAL_ID = "ray_trial_id"  # the user attribute of each Optuna trial naming its Ray trial
 

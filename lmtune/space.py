@@ -21,29 +21,17 @@ conditional group jointly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import (
-    AllowInfNan,
-    BaseModel,
-    ConfigDict,
-    Field,
-    Strict,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from lmcore.config import error_lines
+from lmcore.config import MAX_LINES, Int, Real, error_lines
 from lmcore.files import short_repr
 
 # Optuna names an alternative "model.layers|transformer"; trial settings drop these aliases.
 ALIAS = "|"
 OPTUNA_CHOICE_TYPES = (type(None), bool, int, float, str)
 MAX_CHOICES = 1000
-MAX_ERRORS = 20
-Int = Annotated[int, Strict()]
-Real = Annotated[float, Strict(), AllowInfNan(False)]
 
 
 class _Spec(BaseModel):
@@ -61,7 +49,24 @@ class _Spec(BaseModel):
         return when
 
 
-class FloatSpec(_Spec):
+class _RangeSpec(_Spec):
+    """A numeric range, FloatSpec or IntSpec: `low` and `high` are the subclass's."""
+
+    numbers: ClassVar[tuple[type, ...]] = (int, float)
+
+    def may_take(self, allowed: tuple) -> bool:
+        """Whether the range holds one of the `allowed` values."""
+        numbers = [v for v in allowed if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        return any(self.low <= v <= self.high for v in numbers)
+
+    def why_outside(self, value: Any) -> str | None:
+        """Why `value` is not in the range (None when it is)."""
+        if isinstance(value, bool) or not isinstance(value, self.numbers):
+            return f"{value!r} is not {'an int' if self.numbers == (int,) else 'a number'}"
+        return None if self.low <= value <= self.high else f"{value!r} is outside [{self.low}, {self.high}]"
+
+
+class FloatSpec(_RangeSpec):
     type: Literal["float"]
     low: Real
     high: Real
@@ -76,7 +81,8 @@ class FloatSpec(_Spec):
         return self
 
 
-class IntSpec(_Spec):
+class IntSpec(_RangeSpec):
+    numbers: ClassVar[tuple[type, ...]] = (int,)
     type: Literal["int"]
     low: Int
     high: Int
@@ -104,10 +110,22 @@ class CategoricalSpec(_Spec):
             raise ValueError(f"choices repeat a value: {short_repr(self.choices)}")
         return self
 
+    def may_take(self, allowed: tuple) -> bool:
+        return any(c in allowed for c in self.choices)
+
+    def why_outside(self, value: Any) -> str | None:
+        return None if value in self.choices else f"{value!r} is not one of {self.choices}"
+
 
 class FixedSpec(_Spec):
     type: Literal["fixed"] = "fixed"
     value: Any
+
+    def may_take(self, allowed: tuple) -> bool:
+        return self.value in allowed
+
+    def why_outside(self, value: Any) -> str | None:
+        return None if value == self.value else f"{value!r} is not the fixed value {self.value!r}"
 
 
 SPEC_TYPES = {"float": FloatSpec, "int": IntSpec, "categorical": CategoricalSpec, "fixed": FixedSpec}
@@ -229,7 +247,7 @@ def parse_params(raw: Any, source: str) -> list[Param]:
     params: list[Param] = []
     errors: list[str] = []
     for name, entry in raw.items():
-        if len(errors) >= MAX_ERRORS:
+        if len(errors) >= MAX_LINES:
             break  # enough to act on; a file of 50k broken entries is reported at once
         alternatives = entry if isinstance(entry, list) else [entry]
         if isinstance(entry, list) and not entry:

@@ -10,9 +10,10 @@ import yaml
 
 from lmcore import files
 from lmtune.cli import main
+from lmtune.experiment import load_experiment
 from lmtune.folder import FolderLock, check_folder, is_experiment_folder, prepare_folder
 from lmtune.layout import LOCK_FILE, SNAPSHOT_FILE, ExperimentFolder
-from lmtune.schema import ExperimentError, load_experiment
+from lmtune.schema import ExperimentError
 
 
 def dead_pid() -> int:

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from lmtune.cli import main
-from lmtune.schema import ExperimentError, load_experiment
+from lmtune.experiment import load_experiment
+from lmtune.schema import ExperimentError
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((REPO / "experiments").glob("*.yaml"))
@@ -134,7 +135,7 @@ def test_experiment_errors(tmp_path, capsys, changes, message):
     (params(model__family={"choices": ["lstm", "gru"]}),
      "space.yaml: params.model.family: the experiment fixes family: lstm"),
     (params(model__rounds={"type": "int", "low": 1, "high": 3, "when": {"model.famly": "mogrifier"}}),
-     "space.yaml: params.model.rounds.when: unknown setting model.famly"),
+     "space.yaml: params.model.rounds.when.model.famly: unknown setting (did you mean model.family?)"),
     (params(model__rounds={"type": "int", "low": 1, "high": 3, "when": {"model.rank": 8}},
             model__rank={"choices": [8, 16]}),
      "space.yaml: params.model.rounds.when: model.rank must be defined above model.rounds"),
@@ -168,9 +169,29 @@ def test_settings_invalid_together_are_caught_by_sampling(tmp_path, capsys):
     ("bogus=1", "bogus: Extra inputs are not permitted"),
     ("trials", "--set trials: expected key=value"),
     ("scheduler.max_epochs.x=1", "--set scheduler.max_epochs.x=1: scheduler.max_epochs.x: 'max_epochs' is a value"),
+    # YAML's limits hold for a --set value as for a file: an alias bomb is refused, not expanded
+    ("description=[&a [x, x, x, x]" + ", *a" * 100 + "]", "--set description: not valid YAML: more than 64 aliases"),
 ])
 def test_command_line_overrides_are_validated_the_same_way(tmp_path, capsys, override, message):
     assert message in fails(experiment(tmp_path), capsys, "--set", override)
+
+
+def test_both_command_lines_read_none_alike(tmp_path):
+    """`--set model.rank=none` means None (full rank) to tune.py as to `python -m lmcore train` (tune.py read the
+    string "none" and refused it)."""
+    from lmcore.cli import build_parser, flag_settings
+
+    args = build_parser().parse_args(["train", "--run-name", "x", "--set", "model.rank=none"])
+    assert flag_settings(args)["model.rank"] is None
+    path = experiment(tmp_path, family="mogrifier", fixed={"model.hidden": 32, "model.layers": 1, "model.rank": 8})
+    exp = load_experiment(path, ["model.rank=none"])
+    assert exp.pinned == {"model.rank": None} and exp.base.model.rank is None
+    assert load_experiment(path, ["description=none"]).spec.description == "none"  # not a setting that takes None
+
+
+def test_a_set_message_shows_a_long_value_cut(tmp_path, capsys):
+    message = fails(experiment(tmp_path), capsys, "--set", "trials=" + "9" * 400)
+    assert "trials=" + "9" * 70 + "..." in message and "9" * 100 not in message
 
 
 def test_errors_are_collected_not_stopped_at_the_first(tmp_path):

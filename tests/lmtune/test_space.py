@@ -127,3 +127,16 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(SpaceError) as err:
         parse_params({"a": {"type": "int", "low": 2, "high": 1}, "b": {"type": "nope"}}, "s.yaml")
     assert len(err.value.lines) == 2
+
+
+def test_which_values_a_parameter_may_take():
+    """What a `when` (may_take) and a start_from point (why_outside) ask of a parameter."""
+    ints, floats = IntSpec(type="int", low=1, high=3), FloatSpec(type="float", low=0.1, high=2.0)
+    choices, fixed = CategoricalSpec(choices=["lstm", None]), FixedSpec(value=4)
+    assert ints.may_take((3, 7)) and not ints.may_take((7, True, "2")) and floats.may_take((0.2,))
+    assert choices.may_take((None,)) and not choices.may_take(("gru",))
+    assert fixed.may_take((4,)) and not fixed.may_take((5,))
+    assert ints.why_outside(2) is None and floats.why_outside(1) is None and choices.why_outside("lstm") is None
+    assert ints.why_outside(2.0) == "2.0 is not an int" and ints.why_outside(True) == "True is not an int"
+    assert floats.why_outside("x") == "'x' is not a number" and ints.why_outside(9) == "9 is outside [1, 3]"
+    assert choices.why_outside("gru") == "'gru' is not one of ['lstm', None]"

@@ -6,7 +6,8 @@ import yaml
 
 from lmcore.config import flatten, make_config
 from lmtune.cli import main
-from lmtune.schema import ExperimentError, load_experiment
+from lmtune.experiment import load_experiment
+from lmtune.schema import ExperimentError
 from lmtune.search import make_study
 
 ROOT = Path(__file__).resolve().parents[2]
