@@ -86,7 +86,8 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     family: Family = "mogrifier"
-    layers: Int = Field(2, gt=0, description="recurrent layers or transformer blocks")
+    # At most 100: a model is built (and, under a budget, counted) layer by layer, so a billion would hang.
+    layers: Int = Field(2, gt=0, le=100, description="recurrent layers or transformer blocks (at most 100)")
     hidden: Int = Field(650, gt=0, description="hidden size of the RNN families")
     embedding: Int | None = Field(None, gt=0, description="embedding size; None = hidden (d_model)")
     rounds: Int = Field(5, ge=0, description="mogrifier rounds; 0 is exactly an LSTM")
@@ -299,7 +300,7 @@ def error_lines(err: ValidationError, source: str, prefix: str = "") -> list[str
     for e in err.errors():
         field = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"]]) or "(top level)"
         value = e.get("input")
-        shown = e["type"] not in ("missing", "value_error") and not isinstance(value, (dict, list))
+        shown = e["type"] not in ("missing", "value_error", "extra_forbidden") and not isinstance(value, (dict, list))
         got = f" (got {files.short_repr(value)})" if shown else ""
         lines.append(f"{source}: {field}: {e['msg'].removeprefix('Value error, ')}{got}")
     return list(dict.fromkeys(lines))  # a union type can report the same problem twice

@@ -1,5 +1,6 @@
 """An experiment's checks against lmcore: its fixed settings and the ones the experiment itself manages, each
-search-space parameter against lmcore's schema, and random draws of the space as whole configs.
+search-space parameter against lmcore's schema, random draws of the space as whole configs, and (`check_fits`,
+which reads the corpus) what each trial's training would refuse before its first step.
 
 Each check returns (or raises as ExperimentError) lines naming the file and the field.
 """
@@ -11,7 +12,18 @@ from typing import Any
 from pydantic import ValidationError
 
 from lmcore import files
-from lmcore.config import MAX_LINES, Config, error_lines, error_message, field_names, make_config, unknown_setting
+from lmcore.config import (
+    MAX_LINES,
+    Config,
+    SettingError,
+    error_lines,
+    error_message,
+    field_names,
+    make_config,
+    unknown_setting,
+)
+from lmcore.data import load_corpus
+from lmcore.train import check_fits as check_fits_corpus
 from lmtune.schema import ExperimentError, ExperimentSpec
 from lmtune.space import Param, SearchSpace
 
@@ -122,3 +134,22 @@ def check_samples(space: SearchSpace, base: Config, source: str) -> None:
                 [f"{source}: these settings are invalid together: {files.short_repr(settings, 400)}",
                  *error_lines(err, source)])) from None
 
+
+def check_fits(space: SearchSpace, base: Config, source: str) -> None:
+    """What lmcore.train would refuse before a trial's first step, on the corpus itself (loaded as the run loads
+    it; DataError when it cannot be): a batch larger than a split, a parameter budget below the smallest model.
+    Each distinct shape among random draws of the space once (dropouts and the optimiser change no size)."""
+    corpus = load_corpus(base.data.name, base.data.dir)
+    shapes = set()
+    for settings in space.draw(SAMPLES_CHECKED):
+        config = base.updated(settings)
+        shape = repr((config.data, config.model.model_dump(exclude={"dropout"})))
+        if shape in shapes:
+            continue
+        shapes.add(shape)
+        try:
+            check_fits_corpus(config, corpus)
+        except SettingError as err:
+            field = str(err).partition(":")[0]
+            drawn = f" (a trial of the search space: {files.short_repr(settings, 200)})" if field in settings else ""
+            raise ExperimentError(f"{source}: {err}{drawn}") from None

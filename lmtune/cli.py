@@ -18,6 +18,7 @@ from lmcore import files
 from lmcore.config import Config
 from lmcore.data import DataError
 from lmcore.exitcodes import ExitCode, quiet_when_output_closes
+from lmtune.checks import check_fits
 from lmtune.experiment import Experiment, load_experiment
 from lmtune.schema import ExperimentError
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     num_cpus = _num_cpus(args.num_cpus)
     exp = load_experiment(args.experiment, args.set)  # everything validated before Ray starts
+    check_fits(exp.space, exp.base, exp.source)
     from lmtune.report import report
     from lmtune.runner import run_experiment
 
@@ -69,7 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
+    """Validate everything `run` validates (the CPU count, the experiment, the corpus it trains on); print what
+    would run."""
+    _num_cpus(None)
     exp = load_experiment(args.experiment, args.set)
+    check_fits(exp.space, exp.base, exp.source)
     print(f"{exp.source}: valid. {exp.spec.trials} trials of {exp.spec.dataset}, folder {exp.folder}")
     print("search space:\n  " + exp.space.describe().replace("\n", "\n  "))
     if exp.pinned:

@@ -77,6 +77,8 @@ def read_experiment_file(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, 
     """An experiment file as a dict, with `extends: base.yaml` (relative to the file) deep-merged under it.
     A `search_space` path is made relative to the file that states it."""
     raw = _read_yaml(path)
+    if raw and not set(raw) & {*ExperimentSpec.model_fields, "extends"}:  # another kind of file: never echo it
+        raise ExperimentError(f"{path}: not an experiment file (none of its keys is an experiment's, e.g. dataset)")
     if isinstance(raw.get("search_space"), str):
         raw["search_space"] = str(path.parent / raw["search_space"])
     if "extends" not in raw:
@@ -178,6 +180,8 @@ def _read_params(spec: ExperimentSpec, source: str) -> tuple[list[Param], str]:
             raw, space_source = files.read_yaml(space_path), str(space_path)
         except files.FileError as err:
             raise ExperimentError(f"{source}: search_space: {err}") from None
+        if "params" not in raw:  # another kind of file (a system file, say): its keys are never echoed
+            raise ExperimentError(f"{source}: search_space: {space_path}: not a search-space file (no `params:`)")
     try:
         return parse_params(SpaceFile.model_validate(raw).params, space_source), space_source
     except ValidationError as err:

@@ -93,9 +93,10 @@ def test_did_you_mean_and_the_cap_on_lines():
     assert error_message(["a", "a", "b"]) == "a\nb"
 
 
-def test_error_lines_name_the_field_and_never_echo_a_big_value():
+def test_error_lines_name_the_field_and_never_echo_a_big_or_unknown_value():
     with pytest.raises(ValidationError) as err:
-        make_config({"model": {"rounds": -1, "rank": [1] * 1000}})
+        make_config({"model": {"rounds": -1, "colour": "secret", "rank": [1] * 1000}})
     lines = error_lines(err.value, "run.yaml")
     assert "run.yaml: model.rounds: Input should be greater than or equal to 0 (got -1)" in lines
-    assert all("[1, 1" not in line for line in lines)
+    assert "run.yaml: model.colour: Extra inputs are not permitted" in lines
+    assert all("secret" not in line and "[1, 1" not in line for line in lines)

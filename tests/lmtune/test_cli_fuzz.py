@@ -14,9 +14,12 @@ from hypothesis import strategies as st
 
 from lmtune import runner
 from lmtune.cli import main
-from tests.conftest import scaled
+from tests.conftest import REPO_ROOT, scaled
 
 SECRET = "TOPSECRET-4f2a"  # planted in a file that an experiment points at; must never be printed
+# `check`, like `run`, reads the corpus to refuse what cannot fit it: those cases need the real PTB, where there is one.
+DATA = next((Path(d) for d in (os.environ.get("LMCORE_DATA_DIR"), REPO_ROOT.parent / "shared" / "data")
+             if d and (Path(d) / "ptb").is_dir()), None)
 
 VALID = {
     "name": "fz",
@@ -49,8 +52,11 @@ BAD_SETTINGS = [
     *[("storage", v) for v in ("s3://bucket", 3, [])],
     *[("fixed", v) for v in ([1], "x", {"model.roundz": 1}, {"train.progress": True}, {"train.epochs": 3},
                              {"data.name": "ptb"}, {"train.threads": 1}, {"train.device": "cpu"},
-                             {"model.hidden": [1]}, {"model.hidden": {"a": 1}}, {"model.family": "gru"})],
-    *[("search_space", v) for v in (3, [], "missing.yaml", "secret.txt", "/bin/ls", {"params": {}}, {"x": 1})],
+                             {"model.hidden": [1]}, {"model.hidden": {"a": 1}}, {"model.family": "gru"},
+                             *[{"data.batch_size": 10**6}, {"data.eval_batch_size": 10**7},
+                               {"model.params_budget": 1}] * bool(DATA))],
+    *[("search_space", v) for v in (3, [], "missing.yaml", "secret.txt", "secret.yaml", "/bin/ls", {"params": {}},
+                                    {"x": 1})],
     ("bogus", 1),
     *[("extends", v) for v in (3, "missing.yaml", "fz.yaml", "")],
 ]
@@ -69,6 +75,7 @@ BAD_PARAMS = [
     ("model.layers", {"type": "int", "low": True, "high": 3}),
     ("model.layers", {"type": "int", "low": 1, "high": 3.5}),
     ("model.layers", {"type": "int", "low": 0, "high": 3}),
+    ("model.layers", {"type": "int", "low": 1, "high": 10**9}),
     ("model.layers", {"type": "int", "low": 1, "high": 3, "when": {"model.family": [["lstm"]]}}),
     ("model.layers", {"type": "int", "low": 1, "high": 3, "when": {"model.family": {"a": 1}}}),
     ("model.layers", {"type": "int", "low": 1, "high": 3, "when": {"model.famly": "lstm"}}),
@@ -96,11 +103,19 @@ BAD_SETS = [
     "scheduler.max_epochs.x=1", "resources.cpus=.inf", "resources.cpus=1e-9", "train.epochs=3",
     "train.progress=true", "name=../x", "search_space=3", "model.dropout=0.3", "fixed=3", "trials=1e9",
     "scheduler.reduction_factor=.inf", "model.hidden=[1, 2]", "optim.lr=fast", "trials=" + "9" * 400,
+    *["data.batch_size=1000000", "model.params_budget=1"] * bool(DATA), "model.layers=1000000000",
+    "description=[&a [x, x, x, x, x, x, x, x]" + ", *a" * 100 + "]",  # an alias bomb: YAML's limits hold here too
 ]
 
 # Slow examples are fine on a busy machine (each is timed below); capsys is read, so emptied, in every example.
 LENIENT = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
 FAST = settings(max_examples=220, deadline=None, suppress_health_check=LENIENT)
+
+
+@pytest.fixture(autouse=True)
+def real_data(monkeypatch):
+    if DATA:
+        monkeypatch.setenv("LMCORE_DATA_DIR", str(DATA))
 
 
 def set_dotted(tree: dict, key: str, value) -> None:
@@ -118,6 +133,7 @@ def write_case(folder: Path, settings_: list, bad_params: list) -> Path:
                                                                               dict):
         spec["search_space"]["params"].update(dict(bad_params))
     (folder / "secret.txt").write_text(f"root:$6${SECRET}:19000:0:99999:7:::\nadmin:{SECRET}\n")
+    (folder / "secret.yaml").write_text(f"root: x:0:0:{SECRET}\n{SECRET}: /bin/bash\n")  # YAML, not a space
     path = folder / "fz.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False, width=10**6))
     return path
@@ -168,23 +184,29 @@ def test_malformed_input_never_starts_a_run(settings_, bad_params, capsys):
     assert ray_was_loaded or "ray" not in sys.modules
 
 
-@pytest.mark.parametrize("space", ["secret.txt", "/bin/ls", "/dev/zero"])
+@pytest.mark.parametrize("space", ["secret.txt", "secret.yaml", "/etc/passwd", "/bin/ls", "/dev/zero"])
 def test_a_system_file_as_search_space_is_never_echoed(tmp_path, capsys, space):
     path = write_case(tmp_path, [("search_space", space)], [])
     err = assert_refused("check", path, [], capsys)
-    assert SECRET not in err and "root:" not in err
+    assert SECRET not in err and "x:0:0" not in err and len(err.splitlines()) == 1
 
 
-def test_a_bad_cpu_count_is_bad_input_for_run_only(tmp_path, capsys, monkeypatch):
+def test_a_system_file_as_experiment_is_never_echoed(tmp_path, capsys):
+    write_case(tmp_path, [], [])
+    assert main(["check", str(tmp_path / "secret.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "secret.yaml: not an experiment file" in err and SECRET not in err and "x:0:0" not in err
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_bad_cpu_count_is_bad_input_for_check_and_run(tmp_path, capsys, monkeypatch, command):
     monkeypatch.setenv("LMTUNE_NUM_CPUS", "abc")
     path = write_case(tmp_path, [], [])
-    assert main(["check", str(path)]) == 0
-    capsys.readouterr()
-    assert main(["run", str(path)]) == 2
+    assert main([command, str(path)]) == 2
     assert "LMTUNE_NUM_CPUS: expected a whole number of CPUs, at least 1 (got 'abc')" in capsys.readouterr().err
     assert main(["run", str(path), "--num-cpus", "0"]) == 2
     assert "--num-cpus: expected a whole number" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["fz.yaml", "secret.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["fz.yaml", "secret.txt", "secret.yaml"]
 
 
 def test_huge_files_are_refused_fast(tmp_path, capsys):

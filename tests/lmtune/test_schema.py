@@ -140,7 +140,7 @@ def test_experiment_errors(tmp_path, capsys, changes, message):
             model__rank={"choices": [8, 16]}),
      "space.yaml: params.model.rounds.when: model.rank must be defined above model.rounds"),
     ({"params": {}}, "space.yaml: params: expected a non-empty mapping"),
-    ({"parameters": {}}, "space.yaml: parameters: Extra inputs are not permitted"),
+    ({"parameters": {}}, "space.yaml: not a search-space file (no `params:`)"),  # its keys never echoed
     ("params: [unclosed", "space.yaml: not valid YAML"),
     ("- a list", "space.yaml: expected a mapping of settings"),
 ])
@@ -169,11 +169,36 @@ def test_settings_invalid_together_are_caught_by_sampling(tmp_path, capsys):
     ("bogus=1", "bogus: Extra inputs are not permitted"),
     ("trials", "--set trials: expected key=value"),
     ("scheduler.max_epochs.x=1", "--set scheduler.max_epochs.x=1: scheduler.max_epochs.x: 'max_epochs' is a value"),
+    ("model.layers=1000000000", "fixed.model.layers: Input should be less than or equal to 100 (got 1000000000)"),
     # YAML's limits hold for a --set value as for a file: an alias bomb is refused, not expanded
     ("description=[&a [x, x, x, x]" + ", *a" * 100 + "]", "--set description: not valid YAML: more than 64 aliases"),
 ])
 def test_command_line_overrides_are_validated_the_same_way(tmp_path, capsys, override, message):
     assert message in fails(experiment(tmp_path), capsys, "--set", override)
+
+
+@pytest.fixture
+def ptb(data_root, monkeypatch):
+    """`check`, like `run`, reads the corpus: the real PTB (the test is skipped without it)."""
+    monkeypatch.setenv("LMCORE_DATA_DIR", str(data_root))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=1000000", "exp.yaml (with --set data.batch_size=1000000): data.batch_size: 1000000 columns of "
+                                "data.bptt 35 (+1) tokens need 36,000,000 training tokens; ptb has 929,589"),
+    ("data.eval_batch_size=1000000", "data.eval_batch_size: 1000000 is more than the "),
+    ("model.params_budget=1", "model.params_budget: 1 is below the smallest lstm model on this vocabulary"),
+])
+def test_check_refuses_what_the_run_would_refuse_on_the_corpus(tmp_path, capsys, ptb, override, message):
+    message_seen = fails(experiment(tmp_path), capsys, "--set", override)
+    assert message in message_seen and len(message_seen.splitlines()) == 1
+
+
+def test_a_searched_setting_that_cannot_fit_names_the_trial(tmp_path, capsys, ptb):
+    space = params(data__batch_size={"type": "int", "low": 10, "high": 10**6, "log": True})
+    message = fails(experiment(tmp_path, space=space), capsys)
+    assert "exp.yaml: data.batch_size: " in message and "(a trial of the search space: {" in message
+    assert "'data.batch_size': " in message.split("a trial of")[1]
 
 
 def test_both_command_lines_read_none_alike(tmp_path):
@@ -205,7 +230,7 @@ def test_missing_experiment_file(tmp_path, capsys):
     assert "nope.yaml: no such file" in capsys.readouterr().err
 
 
-def test_check_prints_the_space(tmp_path, capsys):
+def test_check_prints_the_space(tmp_path, capsys, ptb):
     assert main(["check", str(experiment(tmp_path))]) == 0
     assert "optim.lr: float [0.0001, 0.01] log" in capsys.readouterr().out
 
@@ -222,7 +247,7 @@ def test_missing_data_stops_before_anything_starts(tmp_path, capsys):
 # -- --set pins a searched setting (issue 8.2) --------------------------------------------------------
 
 
-def test_the_readme_example_pins_a_searched_setting(capsys):
+def test_the_readme_example_pins_a_searched_setting(capsys, ptb):
     path = REPO / "experiments" / "ptb_mogrify.yaml"
     exp = load_experiment(path, ["trials=32", "model.dropout.state=0.3"])
     assert exp.spec.trials == 32 and exp.base.model.dropout.state == 0.3
@@ -279,6 +304,8 @@ def test_a_setting_in_both_fixed_and_the_space_says_what_to_do(tmp_path, capsys)
     (params(model__layers={"type": "int", "low": 1, "high": 3, "when": {"model.family": [["lstm"]]}}),
      "params.model.layers.when: Value error, model.family: a condition lists values"),
     (params(model__rank={"choices": list(range(1, 1002))}), "params.model.rank.choices: List should have at most 1000"),
+    (params(model__layers={"type": "int", "low": 1, "high": 10**9}),  # was a traceback, or a hang under a budget
+     "space.yaml: params.model.layers: Input should be less than or equal to 100 (got 1000000000)"),
 ])
 def test_malformed_spaces(tmp_path, capsys, space, message):
     assert message.replace("Value error, ", "") in fails(experiment(tmp_path, space=space), capsys)
@@ -336,7 +363,7 @@ def test_shipped_experiments_state_only_what_differs():
 # -- check shows what will run (issue 8.10) -----------------------------------------------------------
 
 
-def test_check_shows_the_fixed_settings_and_the_solved_widths(capsys):
+def test_check_shows_the_fixed_settings_and_the_solved_widths(capsys, ptb):
     assert main(["check", str(REPO / "experiments" / "ptb_compare.yaml")]) == 0
     out = capsys.readouterr().out
     assert "fixed settings" in out and "  model.params_budget: 24000000" in out and "  data.bptt: 70" in out
