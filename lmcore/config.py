@@ -191,7 +191,7 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     """Dynamic evaluation (Krause et al., 2018): after scoring each window, a gradient step on it, decaying
     toward the trained weights. Used by `evaluate --dynamic`; the defaults are those of their code
-    (benkrause/dynamic-evaluation)."""
+    (benkrause/dynamic-evaluation). And the scale of the logits at every evaluation (lamb's softmax temperature)."""
 
     dynamic_method: Literal["rms", "sgd"] = Field(
         "rms", description="dynamic evaluation: rms (steps scaled by training gradients' RMS) | sgd"
@@ -205,6 +205,16 @@ class EvalConfig(_Section):
     dynamic_stat_windows: Int | None = Field(
         None, gt=0, description="rms: training windows for the gradient RMS; None = the whole training split"
     )
+    dynamic_decay_mean: Literal["tensors", "elements"] = Field(
+        "tensors", description="rms: a weight's decay is scaled by its RMS over the mean RMS: the mean of the "
+        "tensors' means (Krause et al.) | of all elements (lamb's dyneval.py)")
+    logit_scale: float = Field(1.0, gt=0.0, description="multiplies the logits (each mixture component's) at "
+                               "evaluation: lamb's eval_softmax_temperature, an inverse temperature")
+    logit_scale_search: float | None = Field(
+        None, gt=0.0, lt=1.06, description="search eval.logit_scale before each evaluation as lamb does: 1.06, "
+        "1.04, ... down to this (lamb: 0.8) on the first eval.logit_scale_tokens validation tokens, ending after "
+        "two without improvement; None = no search")
+    logit_scale_tokens: Int = Field(50000, gt=0, description="validation tokens the logit-scale search scores")
 
 
 class Config(_Section):

@@ -72,7 +72,10 @@ class DynamicEval:
         if s.dynamic_method == "sgd":  # 0-d tensors: the update's in-place ops take a tensor weight
             return ({n: p.new_tensor(s.dynamic_decay) for n, p in trained.items()},
                     {n: p.new_tensor(s.dynamic_lr) for n, p in trained.items()})
-        mean = sum(r.mean() for r in self.rms.values()) / len(self.rms)
+        if s.dynamic_decay_mean == "elements":  # lamb's dyneval.py: the mean over every weight
+            mean = sum(r.sum() for r in self.rms.values()) / sum(r.numel() for r in self.rms.values())
+        else:  # Krause et al.: the mean of the tensors' means
+            mean = sum(r.mean() for r in self.rms.values()) / len(self.rms)
         cap = 1 / s.dynamic_decay if s.dynamic_decay > 0 else math.inf  # else a decay could overshoot θ0
         decay = {n: s.dynamic_decay * (r / mean).clamp(max=cap) for n, r in self.rms.items()}
         step = {n: s.dynamic_lr / (r + s.dynamic_epsilon) for n, r in self.rms.items()}

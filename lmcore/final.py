@@ -15,7 +15,7 @@ from . import checkpoint
 from .config import Config, SettingError
 from .data import Corpus, DataError, Vocab, load_corpus
 from .dynamic import choose, prepare
-from .evaluation import evaluate
+from .evaluation import choose_logit_scale, evaluate
 from .models import LanguageModel
 from .train import resolve_device, reuse_freed_memory
 
@@ -40,6 +40,7 @@ def evaluate_checkpoint(path: str | Path, splits: tuple[str, ...] = ("valid", "t
     if dynamic is not None:
         config = config.updated(dynamic)
         scoring["dynamic"] = prepare(model, corpus.train, config.eval, amp=config.train.amp)
+    scoring["logit_scale"] = choose_logit_scale(model, corpus.valid, config, eos_id=vocab.eos_id)
     scores = {}
     for split in splits:  # a long evaluation says what it is doing
         started = time.perf_counter()

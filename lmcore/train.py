@@ -22,7 +22,7 @@ from .averaging import Averager
 from .batching import batchify, bptt_windows, pass_start
 from .config import Config, OptimConfig, SettingError, make_config
 from .data import Corpus, load_corpus
-from .evaluation import autocast, evaluate, safe_exp
+from .evaluation import autocast, choose_logit_scale, evaluate, safe_exp
 from .models import LanguageModel, build_model, detach_state, solve_budget
 
 log = logging.getLogger("lmcore")
@@ -164,7 +164,9 @@ def train(config: Config | dict, report: Report | None = None, resume_from: str 
         seconds = time.perf_counter() - started
         with averager.applied(model):
             valid = evaluate(model, corpus.valid, eos_id=corpus.vocab.eos_id, batch_size=data.eval_batch_size,
-                             bptt=data.bptt, device=device, amp=run.amp) if not diverged(train_loss) else None
+                             bptt=data.bptt, device=device, amp=run.amp,
+                             logit_scale=choose_logit_scale(model, corpus.valid, config, eos_id=corpus.vocab.eos_id,
+                                                            device=device)) if not diverged(train_loss) else None
         blew_up = valid is None or diverged(valid["loss"])
         if not blew_up:
             averager.end_epoch(valid["loss"])

@@ -20,6 +20,7 @@ class LanguageModel(nn.Module):
     def __init__(self, config: ModelConfig, vocab_size: int):
         super().__init__()
         self.config, self.vocab_size = config, vocab_size
+        self.logit_scale = 1.0  # multiplies the logits; evaluation may set it (eval.logit_scale), training never
         embedding_size = embedding_width(config)
         drop = config.dropout
         self.embedding = nn.Embedding(vocab_size, embedding_size)
@@ -57,10 +58,11 @@ class LanguageModel(nn.Module):
         x, state = self.body(x, state)
         x = sequence_dropout(x, drop.output, self.training, drop.mask)
         if self.mixture is not None:
-            return self.mixture(x, self.decoder), state
+            return self.mixture(x, self.decoder, self.logit_scale), state
         if self.projection is not None:
             x = sequence_dropout(self.projection(x), drop.latent, self.training, drop.mask)
-        return self.decoder(x), state
+        logits = self.decoder(x)
+        return (logits if self.logit_scale == 1 else logits * self.logit_scale), state
 
     def num_parameters(self) -> int:
         """Trainable parameters, tied weights counted once."""
@@ -80,10 +82,10 @@ class MixtureOfSoftmaxes(nn.Module):
         self.latent = nn.Linear(hidden, components * decoder_input)
         self.prior = nn.Linear(hidden, components, bias=False)  # as in zihangdai/mos
 
-    def forward(self, x: Tensor, decoder: nn.Linear) -> Tensor:
+    def forward(self, x: Tensor, decoder: nn.Linear, logit_scale: float = 1.0) -> Tensor:
         latent = sequence_dropout(torch.tanh(self.latent(x)), self.dropout, self.training, self.mask)
         latent = latent.unflatten(-1, (self.components, -1))  # [T, B, K, decoder_input]
-        log_probs = torch.log_softmax(decoder(latent).float(), dim=-1)  # [T, B, K, vocab]
+        log_probs = torch.log_softmax(decoder(latent).float() * logit_scale, dim=-1)  # [T, B, K, vocab]
         log_prior = torch.log_softmax(self.prior(x).float(), dim=-1).unsqueeze(-1)  # [T, B, K, 1]
         return torch.logsumexp(log_prior + log_probs, dim=-2)
 

@@ -1,15 +1,20 @@
 """The settings that reproduce deepmind/lamb's recipe (issue 22), each against a small expectation worked out by
 hand from what lamb's code does: the dropout mask kind, the mixture's latent dropout, the forget bias, the width
-rule within a budget, the averaging trigger and the pass offset of fixed windows."""
+rule within a budget, the averaging trigger, the pass offset of fixed windows, the clip's unit, the logit scale
+and its search, and dynamic evaluation's decay normalisation."""
+import math
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from lmcore import evaluation
 from lmcore.averaging import Averager
 from lmcore.batching import pass_start
 from lmcore.config import flatten, make_config
+from lmcore.dynamic import DynamicEval
+from lmcore.evaluation import evaluate
 from lmcore.models import build_model, count_parameters, solve_budget
 from lmcore.models.dropout import sequence_dropout
 from lmcore.train import clip_gradients, train_epoch
@@ -224,3 +229,61 @@ def test_the_lamb_variant_of_the_2m65_mogrifier_changes_only_lambs_three_pieces(
     assert {k: v for k, v in lamb.items() if base[k] != v} == {
         "model.dropout.mask": "step", "optim.clip_unit": "window", "data.variable_bptt": False,
         "data.random_offset": True}
+
+
+def test_lambs_dyneval_normalises_the_decay_by_the_mean_over_all_weights():
+    """RMS (1, 1, 1) and (4): the mean of the tensors' means is (1 + 4) / 2 = 2.5, the mean over the four
+    weights (1 + 1 + 1 + 4) / 4 = 1.75; decay 0.02 scales to 0.02 * 4 / 2.5 = 0.032 or 0.02 * 4 / 1.75."""
+    rms = {"a": torch.ones(3), "b": torch.tensor([4.0])}
+    trained = {name: torch.zeros_like(r) for name, r in rms.items()}
+    for mean, expected in (("tensors", 0.032), ("elements", 0.02 * 4 / 1.75)):
+        settings = make_config({}, {"eval.dynamic_decay": 0.02, "eval.dynamic_decay_mean": mean}).eval
+        decay, _ = DynamicEval(settings, rms).rates(trained)
+        assert decay["b"].item() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("mixtures", [1, 2])
+def test_the_logit_scale_multiplies_each_components_logits(mixtures):
+    """Scale 0.5 halves a single softmax's logits; near 0 every component is uniform, so the mixture scores
+    every word log(1 / vocab) (a scale applied after mixing would not renormalise)."""
+    config = make_config({}, {"model.family": "lstm", "model.hidden": 8, "model.layers": 1,
+                              "model.softmax_mixtures": mixtures})
+    torch.manual_seed(0)
+    model = build_model(config, vocab_size=20).eval()
+    tokens = torch.randint(0, 20, (5, 2))
+    plain = model(tokens)[0]
+    model.logit_scale = 1e-9
+    flat = model(tokens)[0].log_softmax(-1)
+    assert torch.allclose(flat, torch.full_like(flat, -math.log(20)), atol=1e-6)
+    if mixtures == 1:
+        model.logit_scale = 0.5
+        assert torch.allclose(model(tokens)[0], plain * 0.5)
+
+
+def test_evaluate_scores_with_the_scale_and_restores_it():
+    config = make_config({}, {"model.family": "lstm", "model.hidden": 8, "model.layers": 1})
+    model = build_model(config, vocab_size=20)
+    tokens = torch.randint(0, 20, (60,))
+    near_zero = evaluate(model, tokens, eos_id=0, batch_size=2, bptt=5, logit_scale=1e-9)
+    assert near_zero["loss"] == pytest.approx(math.log(20), abs=1e-6)
+    assert model.logit_scale == 1.0
+
+
+def test_the_logit_scale_search_walks_down_from_1_06_as_lamb_does(monkeypatch):
+    """Losses (s - 0.975)^2: 1.06, 1.04, ..., best 0.98 (the fifth), and lamb stops once the best is two scales
+    old, after 0.94. With the search's floor at 1.0 it stops there and takes 1.0. Without a search: the setting."""
+    tried = []
+
+    def fake_evaluate(model, tokens, *, logit_scale, **_):
+        tried.append(round(logit_scale, 4))
+        return {"loss": (logit_scale - 0.975) ** 2}
+
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    model, valid = torch.nn.Linear(1, 1), torch.arange(100)
+    walks = ((0.8, 0.98, [1.06, 1.04, 1.02, 1.0, 0.98, 0.96, 0.94]), (1.0, 1.0, [1.06, 1.04, 1.02, 1.0]))
+    for floor, best, scales in walks:
+        tried.clear()
+        config = make_config({}, {"eval.logit_scale_search": floor})
+        assert evaluation.choose_logit_scale(model, valid, config, eos_id=0) == pytest.approx(best)
+        assert tried == scales
+    assert evaluation.choose_logit_scale(model, valid, make_config({}, {"eval.logit_scale": 0.9}), eos_id=0) == 0.9
