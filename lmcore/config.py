@@ -113,7 +113,7 @@ class ModelConfig(_Section):
     budget_rule: Literal["nearest", "within"] = Field(
         "nearest", description="params_budget: the width whose count is nearest the budget | within (the widest "
         "that does not exceed it, as lamb)")
-    forget_bias: float = Field(0.0, description="added to the LSTM forget gates' bias at initialisation "
+    forget_bias: Real = Field(0.0, description="added to the LSTM forget gates' bias at initialisation "
                                "(mogrifier, lstm; lamb: 1.0)")
     dropout: DropoutConfig = Field(default_factory=DropoutConfig)
 
@@ -208,7 +208,7 @@ class EvalConfig(_Section):
     dynamic_decay_mean: Literal["tensors", "elements"] = Field(
         "tensors", description="rms: a weight's decay is scaled by its RMS over the mean RMS: the mean of the "
         "tensors' means (Krause et al.) | of all elements (lamb's dyneval.py)")
-    logit_scale: float = Field(1.0, gt=0.0, description="multiplies the logits (each mixture component's) at "
+    logit_scale: Real = Field(1.0, gt=0.0, description="multiplies the logits (each mixture component's) at "
                                "evaluation: lamb's eval_softmax_temperature, an inverse temperature")
     logit_scale_search: float | None = Field(
         None, gt=0.0, lt=1.06, description="search eval.logit_scale before each evaluation as lamb does: 1.06, "
