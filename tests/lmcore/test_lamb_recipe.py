@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+import lmcore
 from lmcore import evaluation
 from lmcore.averaging import Averager
 from lmcore.batching import pass_start
@@ -287,3 +288,23 @@ def test_the_logit_scale_search_walks_down_from_1_06_as_lamb_does(monkeypatch):
         assert evaluation.choose_logit_scale(model, valid, config, eos_id=0) == pytest.approx(best)
         assert tried == scales
     assert evaluation.choose_logit_scale(model, valid, make_config({}, {"eval.logit_scale": 0.9}), eos_id=0) == 0.9
+
+
+def test_a_run_with_lambs_pieces_resumes_identically(markov_corpus_dir, tmp_path):
+    """Per-step masks, the window clip, fixed windows whose pass offsets are drawn (each 7-step epoch crosses a
+    pass of the ~80 rows), lamb's averaging trigger and the logit-scale search all draw on saved state."""
+    config = make_config({}, {
+        "data.name": "text", "data.dir": str(markov_corpus_dir), "data.batch_size": 64, "data.bptt": 12,
+        "data.eval_batch_size": 4, "data.variable_bptt": False, "data.random_offset": True, "model.family": "lstm",
+        "model.hidden": 16, "model.layers": 2, "model.forget_bias": 1.0, "model.dropout.input": 0.3,
+        "model.dropout.inter": 0.3, "model.dropout.output": 0.3, "model.dropout.mask": "step",
+        "optim.clip": 1.0, "optim.clip_unit": "window", "optim.average": "asgd", "optim.asgd_trigger": "stale",
+        "optim.asgd_nonmono": 1, "optim.asgd_latest": 2, "eval.logit_scale_search": 0.9,
+        "train.epochs": 3, "train.steps_per_epoch": 7, "train.progress": False, "train.device": "cpu"})
+    whole, resumed = [], []
+    lmcore.train(config, report=lambda m, save: whole.append(m))
+    lmcore.train(config.updated({"train.epochs": 1}),
+                 report=lambda m, save: save(tmp_path / "epoch1.pt"))
+    torch.manual_seed(12345)
+    lmcore.train(config, report=lambda m, save: resumed.append(m), resume_from=tmp_path / "epoch1.pt")
+    assert [(m["train_loss"], m["valid_ppl"]) for m in whole[1:]] == [(m["train_loss"], m["valid_ppl"]) for m in resumed]
