@@ -86,18 +86,19 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     family: Family = "mogrifier"
-    # At most 100: a model is built (and, under a budget, counted) layer by layer, so a billion would hang.
-    layers: Int = Field(2, gt=0, le=100, description="recurrent layers or transformer blocks (at most 100)")
+    # Upper bounds: layers and rounds are built module by module (and counted many times under a budget), heads is
+    # the step of the width solved under a budget: a billion would hang or overflow rather than be refused.
+    layers: Int = Field(2, gt=0, le=100, description="recurrent layers or transformer blocks")
     hidden: Int = Field(650, gt=0, description="hidden size of the RNN families")
     embedding: Int | None = Field(None, gt=0, description="embedding size; None = hidden (d_model)")
-    rounds: Int = Field(5, ge=0, description="mogrifier rounds; 0 is exactly an LSTM")
+    rounds: Int = Field(5, ge=0, le=100, description="mogrifier rounds; 0 is exactly an LSTM")
     rank: Int | None = Field(None, gt=0, description="low rank of the mogrifier matrices; None = full")
     tie_weights: bool = True
     params_budget: Int | None = Field(
         None, gt=0, description="solve hidden (d_model for the transformer) for this parameter count"
     )
     d_model: Int = Field(256, gt=0, description="transformer width")
-    heads: Int = Field(4, gt=0, description="transformer attention heads")
+    heads: Int = Field(4, gt=0, le=1024, description="transformer attention heads")
     ff: Int | None = Field(None, gt=0, description="transformer feed-forward size; None = 4 * d_model")
     pos_encode: Literal["none", "sinusoidal", "learned", "rope"] = Field(
         "sinusoidal", description="transformer positions: none | sinusoidal | learned (absolute) | rope (rotary)"

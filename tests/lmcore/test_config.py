@@ -82,6 +82,14 @@ def test_a_whole_number_must_be_written_as_one(value):
         make_config({}, {"model.rounds": value})
 
 
+@pytest.mark.parametrize("name, most", [("model.layers", 100), ("model.rounds", 100), ("model.heads", 1024)])
+def test_what_is_built_module_by_module_is_bounded(name, most):
+    """A billion of them hung (or overflowed) building the model; the most allowed is refused no more."""
+    assert make_config({}, {name: most}).flat()[name] == most
+    with pytest.raises(ValidationError, match=f"{name}\n  Input should be less than or equal to {most}"):
+        make_config({}, {name: 10**9})
+
+
 def test_did_you_mean_and_the_cap_on_lines():
     assert unknown_setting("f.yaml: fixed.model.roundz", "model.roundz") == \
         "f.yaml: fixed.model.roundz: unknown setting (did you mean model.rounds?)"

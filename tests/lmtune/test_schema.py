@@ -169,7 +169,10 @@ def test_settings_invalid_together_are_caught_by_sampling(tmp_path, capsys):
     ("bogus=1", "bogus: Extra inputs are not permitted"),
     ("trials", "--set trials: expected key=value"),
     ("scheduler.max_epochs.x=1", "--set scheduler.max_epochs.x=1: scheduler.max_epochs.x: 'max_epochs' is a value"),
+    # a billion layers, rounds or heads hung or overflowed building the model (under a budget: solving its width)
     ("model.layers=1000000000", "fixed.model.layers: Input should be less than or equal to 100 (got 1000000000)"),
+    ("model.rounds=1000000000", "fixed.model.rounds: Input should be less than or equal to 100 (got 1000000000)"),
+    ("model.heads=1000000000", "fixed.model.heads: Input should be less than or equal to 1024 (got 1000000000)"),
     # YAML's limits hold for a --set value as for a file: an alias bomb is refused, not expanded
     ("description=[&a [x, x, x, x]" + ", *a" * 100 + "]", "--set description: not valid YAML: more than 64 aliases"),
 ])
