@@ -32,6 +32,7 @@ from .config import (
     SettingError,
     did_you_mean,
     error_lines,
+    error_message,
     field_help,
     flatten,
     make_config,
@@ -192,7 +193,7 @@ def validated(base: Config | dict, settings: dict[str, Any], source: str) -> Con
     try:
         return make_config(base, settings)
     except ValidationError as err:
-        raise UsageError("\n".join(error_lines(err, source))) from None
+        raise UsageError(error_message(error_lines(err, source))) from None
     except ValueError as err:  # a setting below a value (`model: 3` then `model.rounds`)
         raise UsageError(f"{source}: {err}") from None
 
@@ -357,7 +358,7 @@ def dynamic_settings(args: argparse.Namespace) -> dict[str, Any]:
         overrides = dict(parse_override(text) for text in args.set)
         make_config({}, overrides)
     except ValidationError as err:
-        raise UsageError("\n".join(error_lines(err, "--set"))) from None
+        raise UsageError(error_message(error_lines(err, "--set"))) from None
     except ValueError as err:
         raise UsageError(str(err)) from None
     wrong = [name for name in overrides if not name.startswith("eval.")]

@@ -17,7 +17,7 @@ import pandas as pd
 from pydantic import ValidationError
 
 from lmcore import files
-from lmcore.config import error_lines, make_config
+from lmcore.config import error_lines, error_message, make_config
 from lmcore.run_folder import RunFolder
 from lmtune.schema import ExperimentError
 
@@ -53,7 +53,7 @@ def read_run(path: Path) -> dict[str, Any]:
     except files.FileError as err:
         raise ExperimentError(str(err)) from None
     except ValidationError as err:
-        raise ExperimentError("\n".join(error_lines(err, str(config_file)))) from None
+        raise ExperimentError(error_message(error_lines(err, str(config_file)))) from None
     epochs = _json_lines(metrics_file)
     last = epochs[-1]
     row = {"run": path.name, "family": config.model.family, "seed": config.train.seed, "params": last["params"],
