@@ -85,6 +85,8 @@ WT2_LSTM_ADAM = ("python -m lmcore train --run-name wt2_7m33_lstm_adam --config 
 WT2_TRANSFORMER_LR = ("python -m lmcore train --run-name wt2_7m33_transformer_lr3e-3 --config "
                       "configs/ptb_2m65_transformer.yaml --set data.name=wikitext-2 --set model.params_budget=7332078 "
                       "--set optim.lr=0.003")
+LAMB_2M65 = ("python -m lmcore train --run-name ptb_2m65_mogrifier_lamb --config configs/ptb_2m65_mogrifier_lamb.yaml "
+             "--set train.threads=1")
 WT2_TINY = SMALL.replace("200000", "400000")  # WikiText-2's 33k-word embedding needs a larger budget than PTB's
 FAMILY_SPEED = ("python benchmarks/family_speed.py configs/ptb_2m65_lstm.yaml configs/ptb_2m65_mogrifier.yaml "
                 "configs/ptb_2m65_transformer.yaml --steps 20 --rounds 3")
@@ -184,6 +186,7 @@ HOW: dict[str, Run | Skip] = {
              "optim.average=asgd --set optim.asgd_nonmono=1", SMALL),
     # docs/results.md
     REF_LOOP: Run((REF_LOOP.replace(".yaml;", f".yaml {SMALL};"),)),
+    LAMB_2M65: plus(LAMB_2M65, SMALL),
     "python -m lmcore evaluate --run-name small_transformer --dynamic --set eval.dynamic_stat_windows=100":
         Run(("python -m lmcore train --run-name small_transformer --config configs/small_transformer.yaml "
              f"{SMALL} {ON_MARKOV}".replace("{tmp}/runs", "{tmp}/markov"),  # {tmp}/runs has a PTB one
