@@ -10,8 +10,8 @@
 """
 from lmtune.experiment import Experiment, load_experiment
 from lmtune.results import Results, compare_frame, load_results, results_frame
-from lmtune.runs import load_runs, seed_groups
 from lmtune.schema import ExperimentError
+from lmtune.single_runs import load_runs, seed_groups
 
 __all__ = [
     "Experiment",
@@ -28,7 +28,7 @@ __all__ = [
 
 
 def run_experiment(*args, **kwargs):
-    """Run (or resume) an experiment; see `lmtune.runner.run_experiment`. Imported lazily: Ray is slow to load."""
-    from lmtune.runner import run_experiment as run
+    """Run (or resume) an experiment; see `lmtune.driver.run_experiment`. Imported lazily: Ray is slow to load."""
+    from lmtune.driver import run_experiment as run
 
     return run(*args, **kwargs)

@@ -46,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     num_cpus = _num_cpus(args.num_cpus)
     exp = load_experiment(args.experiment, args.set)  # everything validated before Ray starts
     check_fits(exp.space, exp.base, exp.source)
+    from lmtune.driver import run_experiment
     from lmtune.report import report
-    from lmtune.runner import run_experiment
 
     finished = run_experiment(
         exp,
@@ -139,7 +139,7 @@ def compare_command(args: argparse.Namespace) -> int:
     from lmtune import plots
     from lmtune.report import compare
     from lmtune.results import load_results
-    from lmtune.tables import markdown
+    from lmtune.table_files import markdown
 
     folders = [_experiment_folder(f) for f in args.folders]
     out = Path(args.out) if args.out else folders[0].parent / "comparison"
@@ -180,8 +180,8 @@ def export_best(args: argparse.Namespace) -> int:
 
 def runs_command(args: argparse.Namespace) -> int:
     """The table of single lmcore runs, and per config the mean ± standard deviation over its seeds."""
-    from lmtune.runs import RUN_COLUMNS, load_runs, seed_groups
-    from lmtune.tables import markdown
+    from lmtune.single_runs import RUN_COLUMNS, load_runs, seed_groups
+    from lmtune.table_files import markdown
 
     runs = load_runs(args.folders)
     print(markdown(runs[RUN_COLUMNS]))
@@ -194,7 +194,7 @@ def runs_command(args: argparse.Namespace) -> int:
 def _print_summary(folder: Path, summary: dict) -> None:
     """The table of what `report` just wrote, from the summary it returned."""
     from lmtune.results import summary_frame
-    from lmtune.tables import markdown
+    from lmtune.table_files import markdown
 
     print(f"\n{summary['experiment']}: {summary['trials']} trials, {summary['status']}")
     print(markdown(summary_frame([summary])))

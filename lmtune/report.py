@@ -27,7 +27,7 @@ from lmtune.results import (
     with_columns,
 )
 from lmtune.schema import ReportSpec
-from lmtune.tables import markdown, write_table
+from lmtune.table_files import markdown, write_table
 
 
 def report(folder: str | Path, evaluate: bool = True) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lmtune import runner
+from lmtune import driver
 from tests.conftest import LSTM_ONLY, write_tiny_experiment
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,9 +122,9 @@ def test_no_dashboard_passes_no_port(monkeypatch):
         raise Started
 
     monkeypatch.setattr(ray, "init", init)
-    monkeypatch.setattr(runner.ray_guard, "protect", lambda: None)
+    monkeypatch.setattr(driver.ray_guard, "protect", lambda: None)
     with pytest.raises(Started):
-        runner.start_ray(None, 1, False, "127.0.0.1", 8265)
+        driver.start_ray(None, 1, False, "127.0.0.1", 8265)
     assert seen["include_dashboard"] is False
     assert "dashboard_port" not in seen and "dashboard_host" not in seen
 
@@ -134,7 +134,7 @@ def test_a_busy_port_is_replaced_by_a_free_one(capsys):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        free = runner.free_port("127.0.0.1", port, "Ray dashboard")
+        free = driver.free_port("127.0.0.1", port, "Ray dashboard")
         assert free != port
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", free))  # it is free

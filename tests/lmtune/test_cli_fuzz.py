@@ -12,7 +12,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmtune import runner
+from lmtune import driver
 from lmtune.cli import main
 from tests.conftest import REPO_ROOT, scaled
 
@@ -173,14 +173,14 @@ def test_malformed_input_is_refused_by_check(settings_, bad_params, sets, capsys
        bad_params=st.lists(st.sampled_from(BAD_PARAMS), max_size=1))
 def test_malformed_input_never_starts_a_run(settings_, bad_params, capsys):
     ray_was_loaded = "ray" in sys.modules
-    real = runner.run_experiment
-    runner.run_experiment = lambda *a, **k: pytest.fail("the run was launched")
+    real = driver.run_experiment
+    driver.run_experiment = lambda *a, **k: pytest.fail("the run was launched")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = write_case(Path(tmp), settings_, bad_params)
             assert_refused("run", path, [f"storage={tmp}/results"], capsys)
     finally:
-        runner.run_experiment = real
+        driver.run_experiment = real
     assert ray_was_loaded or "ray" not in sys.modules
 
 

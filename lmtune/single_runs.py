@@ -1,6 +1,6 @@
 """Single runs of `python -m lmcore train` (runs/NAME/) as pandas tables, e.g. one config rerun with several seeds.
 
-    from lmtune.runs import load_runs, seed_groups
+    from lmtune.single_runs import load_runs, seed_groups
     runs = load_runs(["runs/ptb_lstm_seed1", "runs/ptb_lstm_seed2", "runs/ptb_lstm_seed3"])   # one row per run
     seed_groups(runs)      # per config: mean and standard deviation over its seeds
 

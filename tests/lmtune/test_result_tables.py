@@ -5,7 +5,7 @@ import pandas as pd
 
 from lmtune.layout import ray_folder
 from lmtune.results import COMPARE_COLUMNS, FAMILY_COLUMNS, summary_frame, trial_status
-from lmtune.tables import markdown
+from lmtune.table_files import markdown
 
 
 def test_trial_status():

@@ -1,4 +1,4 @@
-"""`tune.py runs` / lmtune.runs: single lmcore runs as a table, and the mean ± sd over seeds of each config."""
+"""`tune.py runs` / lmtune.single_runs: single lmcore runs as a table, and the mean ± sd over seeds of each config."""
 import json
 import statistics
 from pathlib import Path
@@ -9,7 +9,7 @@ import yaml
 from lmcore.config import make_config
 from lmcore.exitcodes import ExitCode
 from lmtune.cli import main
-from lmtune.runs import load_runs, seed_groups
+from lmtune.single_runs import load_runs, seed_groups
 
 
 def make_run(folder: Path, valid: float, test: float | None, epochs: int = 3, **settings) -> Path:
