@@ -88,6 +88,8 @@ WT2_TRANSFORMER_LR = ("python -m lmcore train --run-name wt2_7m33_transformer_lr
                       "--set optim.lr=0.003")
 LAMB_2M65 = ("python -m lmcore train --run-name ptb_2m65_mogrifier_lamb --config configs/ptb_2m65_mogrifier_lamb.yaml "
              "--set train.threads=1")
+LAMB_2M65_RERUN = ("python -m lmcore train --run-name ptb_2m65_mogrifier_rerun --config configs/ptb_2m65_mogrifier.yaml "
+                   "--set train.threads=1")
 
 
 def on_ptb(command: str) -> str:
@@ -194,6 +196,7 @@ HOW: dict[str, Run | Skip] = {
     # docs/results.md
     REF_LOOP: Run((REF_LOOP.replace(".yaml;", f".yaml {SMALL};"),)),
     LAMB_2M65: plus(LAMB_2M65, SMALL),
+    LAMB_2M65_RERUN: plus(LAMB_2M65_RERUN, SMALL),
     "python -m lmcore evaluate --run-name small_transformer --dynamic --set eval.dynamic_stat_windows=100":
         Run(("python -m lmcore train --run-name small_transformer --config configs/small_transformer.yaml "
              f"{SMALL} {ON_MARKOV}".replace("{tmp}/runs", "{tmp}/markov"),  # {tmp}/runs has a PTB one
