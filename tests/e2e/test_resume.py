@@ -52,11 +52,12 @@ def a_trial_completed(process: subprocess.Popen, folder: Path, log: Path):
 
 
 def test_killed_driver_resumes_with_the_same_command(ray_session, tiny_experiment, tmp_path):
+    # 8 trials: on an idle machine 5 could all end before Ray's snapshot shows the first and the kill lands.
     path = tiny_experiment(
         "resume",
         fixed={"train.steps_per_epoch": 40},
         scheduler={"type": "fifo", "max_epochs": 4},
-        trials=5,
+        trials=8,
     )
     folder = path.parent / "results" / "resume"
     command = [sys.executable, str(REPO / "tune.py"), str(path), "--num-cpus", "2", "--no-dashboard"]
@@ -70,7 +71,7 @@ def test_killed_driver_resumes_with_the_same_command(ray_session, tiny_experimen
         first.wait()
     before = snapshot_statuses(folder)
     completed_before = {t for t, s in before.items() if s == "TERMINATED"}
-    assert len(completed_before) < 5, "killed too late to test resuming"
+    assert len(completed_before) < 8, "killed too late to test resuming"
 
     code, out, err = tune_in_process(*command[2:])  # the same command; on the shared Ray, in this process
     assert code == 0, process_output(out, err)
@@ -78,13 +79,13 @@ def test_killed_driver_resumes_with_the_same_command(ray_session, tiny_experimen
     assert "taking over the lock" in out  # the killed driver's lock was stale
 
     trials = pd.read_csv(folder / "trials.csv")
-    assert len(trials) == 5  # the number configured, not 5 more
+    assert len(trials) == 8  # the number configured, not 8 more
     assert completed_before <= set(trials["trial_id"])  # no completed trial lost
     assert (trials["status"] == "completed").all() and (trials["epochs"] == 4).all()
 
     study = optuna.load_study(study_name="resume", storage=f"sqlite:///{folder / 'optuna.db'}")
     states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 5
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 8
     # Trials Optuna handed out after Ray's last snapshot were closed, not left running.
     assert optuna.trial.TrialState.RUNNING not in states
 

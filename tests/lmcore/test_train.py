@@ -78,15 +78,17 @@ def test_diverging_run_stops_and_says_so(markov_corpus_dir):
 
 
 class Bigram(torch.nn.Module):
-    """Predicts from the current token alone: its score of a split does not depend on batching."""
+    """Predicts from the current token alone: its score of a split does not depend on batching. Like
+    lmcore's LanguageModel, its logits are multiplied by `logit_scale` (set by `evaluate`)."""
 
     def __init__(self, vocab_size):
         super().__init__()
         self.vocab_size = vocab_size
         self.table = torch.nn.Embedding(vocab_size, vocab_size)
+        self.logit_scale = 1.0
 
     def forward(self, tokens, state=None):
-        return self.table(tokens), state
+        return self.table(tokens) * self.logit_scale, state
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 7, 64])
