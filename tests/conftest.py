@@ -91,6 +91,8 @@ def _private_corpus_cache(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("LMCORE_CACHE_DIR", str(tmp_path_factory.mktemp("lmcore-cache")))
     mp.setenv("LMCORE_OFFLINE", "1")  # and never the network
+    mp.setenv("WANDB_MODE", "offline")  # W&B too (set before any Ray starts: its logging actors inherit it)
+    mp.setenv("WANDB_SILENT", "true")
     yield
     mp.undo()
 
@@ -193,14 +195,6 @@ def wait_for(condition, what: str, timeout: float = 600, poll: float = 0.5, log:
             pytest.fail(f"waited {scaled(timeout):.0f} s for {what}" + (f"; the process printed:\n{shown}" * bool(log)))
         time.sleep(poll)
     return value
-
-
-def run_tune(*args: str, timeout: float = 900, env: dict | None = None):
-    """`python tune.py ARGS` in a subprocess (this checkout's code), under `run_process`'s scaled limit."""
-    import sys
-
-    return run_process([sys.executable, str(REPO_ROOT / "tune.py"), *args], timeout=timeout, cwd=REPO_ROOT,
-                       env={**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})})
 
 
 def tune_in_process(*args: str) -> tuple[int, str, str]:

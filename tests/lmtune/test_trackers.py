@@ -5,7 +5,7 @@ import importlib.util
 import pytest
 
 from lmtune.cli import main
-from tests.conftest import run_tune
+from tests.conftest import process_output, tune_in_process
 
 
 def test_an_unknown_tracker_is_refused(tiny_experiment, capsys):
@@ -24,7 +24,7 @@ def test_a_tracker_that_is_not_installed_is_refused(tiny_experiment, monkeypatch
     assert not (path.parent / "results" / "tiny").exists()  # nothing launched, nothing written
 
 
-def test_trials_are_logged_to_mlflow_and_wandb_offline(tiny_experiment, tmp_path):
+def test_trials_are_logged_to_mlflow_and_wandb_offline(ray_session, tiny_experiment, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
     path = tiny_experiment(
@@ -33,9 +33,9 @@ def test_trials_are_logged_to_mlflow_and_wandb_offline(tiny_experiment, tmp_path
         scheduler={"type": "fifo", "max_epochs": 2},
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's local store (it refuses file:// stores since 3.x)
-    env = {"MLFLOW_TRACKING_URI": uri, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    run = run_tune(str(path), "--num-cpus", "2", "--no-dashboard", env=env)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # W&B's offline mode: conftest sets it for every test
+    code, out, err = tune_in_process(str(path), "--no-dashboard")
+    assert code == 0, process_output(out, err)
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["tracked"])
