@@ -51,6 +51,20 @@ def a_trial_completed(process: subprocess.Popen, folder: Path, log: Path):
     return check
 
 
+def driver_with_a_completed_trial(path: Path, log: Path) -> tuple[list[str], subprocess.Popen]:
+    """`tune.py PATH` started as its own driver process, once a trial of its study has completed: (the command,
+    the process). A process that fails the wait is killed, with the Ray it started."""
+    command = [sys.executable, str(REPO / "tune.py"), str(path), "--num-cpus", "2", "--no-dashboard"]
+    process = start(command, log)
+    try:
+        wait_for(a_trial_completed(process, path.parent / "results" / path.stem, log), "a completed trial", log=log)
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    return command, process
+
+
 def test_killed_driver_resumes_with_the_same_command(ray_session, tiny_experiment, tmp_path):
     # 8 trials: on an idle machine 5 could all end before Ray's snapshot shows the first and the kill lands.
     path = tiny_experiment(
@@ -60,15 +74,9 @@ def test_killed_driver_resumes_with_the_same_command(ray_session, tiny_experimen
         trials=8,
     )
     folder = path.parent / "results" / "resume"
-    command = [sys.executable, str(REPO / "tune.py"), str(path), "--num-cpus", "2", "--no-dashboard"]
-
-    log = tmp_path / "first.log"
-    first = start(command, log)
-    try:
-        wait_for(a_trial_completed(first, folder, log), "a completed trial", log=log)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+    command, first = driver_with_a_completed_trial(path, tmp_path / "first.log")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
     before = snapshot_statuses(folder)
     completed_before = {t for t, s in before.items() if s == "TERMINATED"}
     assert len(completed_before) < 8, "killed too late to test resuming"
@@ -102,12 +110,9 @@ def test_ctrl_c_exits_130_and_the_interrupted_study_grows(ray_session, tiny_expe
                            scheduler={"type": "asha", "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
                            trials=8)
     folder = path.parent / "results" / "interrupt"
-    command = [sys.executable, str(REPO / "tune.py"), str(path), "--num-cpus", "2", "--no-dashboard"]
-
     log = tmp_path / "first.log"
-    first = start(command, log)
+    command, first = driver_with_a_completed_trial(path, log)
     try:
-        wait_for(a_trial_completed(first, folder, log), "a completed trial", log=log)
         first.send_signal(signal.SIGINT)  # the driver only, as Ray's own Ctrl-C handling expects
         first.wait(timeout=600)
     finally:
