@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from lmcore.exitcodes import quiet_when_output_closes
-from lmtune.results import ray_folder
+from lmtune.layout import ray_folder
 
 REPO = Path(__file__).resolve().parent.parent
 EPOCHS, TRIALS = 4, 16

@@ -202,7 +202,7 @@ def _print_summary(folder: Path, summary: dict) -> None:
 
 
 def _experiment_folder(path: str) -> Path:
-    from lmtune.results import ray_folder
+    from lmtune.layout import ray_folder
 
     folder = Path(path)
     if not folder.is_dir():

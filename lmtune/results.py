@@ -23,7 +23,6 @@ from lmcore.config import Config, make_config, set_dotted
 from lmcore.models.families import applies_to, width_setting
 from lmcore.train import EpochMetrics
 from lmtune.layout import CHECKPOINT_FILE, ExperimentFolder
-from lmtune.layout import ray_folder as ray_folder  # where benchmarks and older code import it from
 from lmtune.schema import ExperimentSpec
 from lmtune.space import trial_settings
 
