@@ -20,6 +20,7 @@ from torch import nn
 from lmcore.models.mogrifier import MogrifierLSTMLayer
 from lmcore.models.mogrifier import cpu as mogrifier_cpu
 from lmcore.models.mogrifier import fast as mogrifier_fast
+from lmcore.models.mogrifier import graphs as mogrifier_graphs
 from tests.conftest import REPO_ROOT, process_output, run_process
 
 T, B, M, N = 5, 3, 6, 4  # input size != hidden size, so that transposed shapes cannot pass by accident
@@ -436,3 +437,40 @@ def test_cuda_fast_path_equals_reference(rounds, rank, mask):
         out_r, _ = layer.forward_reference(x, state, state_mask)
     torch.testing.assert_close(out.float(), out_r.float(), rtol=0.05, atol=0.05)
     out.float().sum().backward()
+
+
+def test_no_cuda_graphs_on_the_cpu():
+    layer = make_layer(3, 2, torch.float32)
+    x, state, _ = make_inputs(torch.float32)
+    for _ in range(3):
+        layer(x, state)[0].sum().backward()
+    assert mogrifier_graphs.captured(layer) == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("rank,mask,amp", [(None, True, False), (2, False, False), (2, True, True)])
+def test_cuda_graphs_replay_the_eager_fast_path(rank, mask, amp):
+    """Several training steps through graphs (captured at the second) equal the eager fast path's, with the
+    weights changing between steps, new inputs each step, and the state carried over."""
+    graphed, eager = make_layer(5, rank, torch.float32).cuda(), make_layer(5, rank, torch.float32).cuda()
+    eager.cuda_graphs = False
+    runs = []
+    for layer in (graphed, eager):
+        state, outputs = None, []
+        for step in range(4):
+            x, _, state_mask = make_inputs(torch.float32, seed=step, mask=mask)
+            x = x.detach().cuda().requires_grad_()
+            state_mask = None if state_mask is None else state_mask.cuda()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                out, state = layer(x, state, state_mask)
+            out.float().pow(2).sum().backward()
+            outputs += [out.detach().float(), x.grad, *(p.grad.clone() for p in layer.parameters())]
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p -= 0.01 * p.grad
+                    p.grad = None
+            state = tuple(s.detach() for s in state)
+        runs.append(outputs)
+    assert mogrifier_graphs.captured(graphed) == 1
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

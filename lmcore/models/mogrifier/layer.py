@@ -8,7 +8,8 @@ The cell state is not mogrified, and rounds=0 is exactly an LSTM (gate order i, 
 `MogrifierLSTMLayer.forward_reference` is the straightforward step-by-step version that the tests
 check the equations against; `forward` picks the fastest implementation that applies: the hand-written
 backward-through-time of `lmcore.models.mogrifier.fast` (one autograd node per sequence), unless
-`MogrifierLSTMLayer.fast_path` (class-wide, or per instance) is set to False.
+`MogrifierLSTMLayer.fast_path` (class-wide, or per instance) is set to False. On CUDA, when training, the fast
+path is replayed as CUDA graphs (graphs.py) unless `MogrifierLSTMLayer.cuda_graphs` is set to False.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import graphs
 from .fast import mogrifier_lstm
 
 
@@ -61,6 +63,8 @@ class MogrifierLSTMLayer(nn.Module):
     # Escape hatch: `MogrifierLSTMLayer.fast_path = False` (all layers) or `layer.fast_path = False`
     # (one layer) makes `forward` run `forward_reference`.
     fast_path: bool = True
+    # On CUDA with gradients: replay the fast path as CUDA graphs (graphs.py); False: the eager fast path.
+    cuda_graphs: bool = True
 
     def __init__(self, input_size: int, hidden_size: int, rounds: int = 5, rank: int | None = None):
         super().__init__()
@@ -105,6 +109,11 @@ class MogrifierLSTMLayer(nn.Module):
         round_params = [
             (r.weight, r.bias) if r.rank is None else (r.left, r.right, r.bias) for r in self.mogrify_rounds
         ]
+        flat = [self.weight_ih, self.weight_hh, self.bias] + [p for ps in round_params for p in ps]
+        if self.cuda_graphs and graphs.applies(x, flat):
+            h0, c0 = state if state is not None else (x.new_zeros(x.shape[1], self.hidden_size),) * 2
+            low_rank = tuple(len(ps) == 3 for ps in round_params)
+            return graphs.graphed_mogrifier_lstm(self, x, h0, c0, state_mask, flat, low_rank)
         return mogrifier_lstm(x, state, state_mask, self.weight_ih, self.weight_hh, self.bias, round_params)
 
     def forward_reference(
