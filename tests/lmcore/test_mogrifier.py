@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -447,6 +448,71 @@ def test_no_cuda_graphs_on_the_cpu():
     assert mogrifier_graphs.captured(layer) == 0
 
 
+def simulated_capture(self):
+    """Captured._capture without a GPU: "replaying" runs the same forward and backward again into the same static
+    buffers, as a graph replay does."""
+    self.outputs = self._forward()
+    self.grad_outputs = [torch.zeros_like(o) for o in self.outputs]
+    self.grads = self._backward()
+
+    def into(statics, fresh):
+        for static, new in zip(statics, fresh):
+            if static is not None:
+                static.copy_(new)
+
+    self.forward_graph = SimpleNamespace(replay=lambda: into(self.outputs, self._forward()))
+    self.backward_graph = SimpleNamespace(replay=lambda: into(self.grads, self._backward()))
+
+
+def training_steps(layer, mask: bool, amp: bool, steps: int = 4) -> list[torch.Tensor]:
+    """Outputs and gradients of a few SGD steps, new inputs each step, the state carried over."""
+    state, outputs = None, []
+    device = next(layer.parameters()).device
+    for step in range(steps):
+        x, _, state_mask = make_inputs(torch.float32, seed=step, mask=mask)
+        x = x.detach().to(device).requires_grad_()
+        state_mask = None if state_mask is None else state_mask.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out, state = layer(x, state, state_mask)
+        out.float().pow(2).sum().backward()
+        outputs += [out.detach().float(), x.grad, *(p.grad.clone() for p in layer.parameters())]
+        with torch.no_grad():
+            for p in layer.parameters():
+                p -= 0.01 * p.grad
+                p.grad = None
+        state = tuple(s.detach() for s in state)
+    return outputs
+
+
+@pytest.mark.parametrize("rank,mask,amp", [(None, True, False), (2, False, False), (2, True, True)])
+def test_graph_replays_equal_the_eager_fast_path(monkeypatch, rank, mask, amp):
+    """The graphs' bookkeeping (static buffers, casts, which gradients go where, the weights read in place),
+    with the capture simulated on the CPU: the GPU check runs the real capture (test_cuda_graphs_...)."""
+    monkeypatch.setattr(mogrifier_graphs.Captured, "_capture", simulated_capture)
+    monkeypatch.setattr(mogrifier_graphs, "applies", lambda x, params: torch.is_grad_enabled())
+    graphed, eager = make_layer(5, rank, torch.float32), make_layer(5, rank, torch.float32)
+    eager.cuda_graphs = False
+    replayed = training_steps(graphed, mask, amp)
+    assert mogrifier_graphs.captured(graphed) == 1
+    for a, b in zip(replayed, training_steps(eager, mask, amp)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_second_forward_before_the_backward_runs_eagerly(monkeypatch):
+    """Replaying a key again before its backward would overwrite what that backward reads."""
+    monkeypatch.setattr(mogrifier_graphs.Captured, "_capture", simulated_capture)
+    monkeypatch.setattr(mogrifier_graphs, "applies", lambda x, params: torch.is_grad_enabled())
+    layer = make_layer(3, None, torch.float32)
+    x, state, _ = make_inputs(torch.float32)
+    layer(x, state)[0].sum().backward()  # seen once: eager
+    first, _ = layer(x, state)  # captured and replayed
+    second, _ = layer(x * 2, state)  # the first's backward is pending: eager
+    expected = torch.autograd.grad(layer.forward_reference(x, state)[0].sum(), layer.weight_hh)[0]
+    torch.testing.assert_close(torch.autograd.grad(first.sum(), layer.weight_hh)[0], expected)
+    del second
+    assert not mogrifier_graphs._graphs[layer][next(iter(mogrifier_graphs._graphs[layer]))].busy()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("rank,mask,amp", [(None, True, False), (2, False, False), (2, True, True)])
 def test_cuda_graphs_replay_the_eager_fast_path(rank, mask, amp):
@@ -454,23 +520,7 @@ def test_cuda_graphs_replay_the_eager_fast_path(rank, mask, amp):
     weights changing between steps, new inputs each step, and the state carried over."""
     graphed, eager = make_layer(5, rank, torch.float32).cuda(), make_layer(5, rank, torch.float32).cuda()
     eager.cuda_graphs = False
-    runs = []
-    for layer in (graphed, eager):
-        state, outputs = None, []
-        for step in range(4):
-            x, _, state_mask = make_inputs(torch.float32, seed=step, mask=mask)
-            x = x.detach().cuda().requires_grad_()
-            state_mask = None if state_mask is None else state_mask.cuda()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                out, state = layer(x, state, state_mask)
-            out.float().pow(2).sum().backward()
-            outputs += [out.detach().float(), x.grad, *(p.grad.clone() for p in layer.parameters())]
-            with torch.no_grad():
-                for p in layer.parameters():
-                    p -= 0.01 * p.grad
-                    p.grad = None
-            state = tuple(s.detach() for s in state)
-        runs.append(outputs)
+    replayed = training_steps(graphed, mask, amp)
     assert mogrifier_graphs.captured(graphed) == 1
-    for a, b in zip(*runs):
+    for a, b in zip(replayed, training_steps(eager, mask, amp)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
