@@ -38,9 +38,10 @@ from .config import (
     make_config,
     parse_override,
     parse_value,
+    take_overrides,
 )
 from .data import Corpus, DataError, load_corpus
-from .exitcodes import ExitCode, quiet_when_output_closes
+from .exitcodes import ExitCode, quiet_when_output_closes, sigterm_as_ctrl_c
 from .final import choose_and_test, evaluate_checkpoint
 from .run_folder import RUN_FILES, NewRunFolder, RunFolder
 from .train import check_fits, resolve_device, train
@@ -368,11 +369,14 @@ def dynamic_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @quiet_when_output_closes
+@sigterm_as_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.setLevel(logging.INFO)  # also when the caller configured logging already (train.log needs these lines)
     try:
-        args = build_parser().parse_args(translate_legacy_argv(list(sys.argv[1:] if argv is None else argv)))
+        argv, overrides = take_overrides(translate_legacy_argv(list(sys.argv[1:] if argv is None else argv)))
+        args = build_parser().parse_args(argv)
+        args.set += overrides  # both commands take --set
     except SystemExit as done:  # --help, or a malformed command line (already reported)
         return done.code if isinstance(done.code, int) else ExitCode.BAD_INPUT
     try:

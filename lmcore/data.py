@@ -8,11 +8,13 @@ keyed by the files' checksums, so a second load is a torch.load.
 """
 from __future__ import annotations
 
+import array
 import gzip
 import hashlib
 import io
 import logging
 import os
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,7 +163,21 @@ def _find(split: SplitFile, dirs: list[Path]) -> Path | None:
         for path in (folder / split.filename, folder / (split.filename + ".gz")):
             if path.is_file():
                 return path
+            if path.is_symlink() or path.exists():  # there, but not text to read: a FIFO, a device, a folder
+                raise DataError(f"{path}: not a regular file ({_kind(path)}); a corpus split must be a plain or .gz "
+                                "text file")
     return None
+
+
+def _kind(path: Path) -> str:
+    """What a path that is not a regular file is, for a message."""
+    if not path.exists():
+        return "a link to nothing"
+    mode = path.stat().st_mode
+    kinds = [(stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    kind = next((name for test, name in kinds if test(mode)), "a special file")
+    return f"a link to {kind}" if path.is_symlink() else kind
 
 
 def _download(dataset: Dataset, split: SplitFile) -> Path:
@@ -204,18 +220,33 @@ def find_files(name: str, data_dir: str | os.PathLike | None = None) -> dict[str
 
 
 def read_verified(path: Path, sha256: str | None) -> tuple[bytes, str]:
-    """The uncompressed bytes of `path` and their sha256, which must be `sha256` when given."""
-    data = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error):  # BadGzipFile is an OSError; a truncated file is an EOFError
-            raise DataError(f"{path}: checksum failure: not a readable gzip file (truncated or changed bytes)"
-                            + _expected(sha256)) from None
-    digest = hashlib.sha256(data).hexdigest()
-    if sha256 is not None and digest != sha256:
-        raise DataError(f"{path}: checksum mismatch: the uncompressed text has sha256 {digest}" + _expected(sha256))
-    return data, digest
+    """The uncompressed bytes of `path` and their sha256, which must be `sha256` when given (the whole file in
+    memory: for the small files of tools; load_corpus reads a split as a stream)."""
+    digest = verified_digest(path, sha256)
+    with _open_binary(path) as f:
+        return f.read(), digest
+
+
+def verified_digest(path: Path, sha256: str | None) -> str:
+    """The sha256 of the uncompressed text of `path`, read as a stream; it must be `sha256` when given."""
+    digest = hashlib.sha256()
+    try:
+        with _open_binary(path) as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except (OSError, EOFError, zlib.error):  # BadGzipFile is an OSError; a truncated file is an EOFError
+        if path.suffix != ".gz":
+            raise
+        raise DataError(f"{path}: checksum failure: not a readable gzip file (truncated or changed bytes)"
+                        + _expected(sha256)) from None
+    if sha256 is not None and digest.hexdigest() != sha256:
+        raise DataError(f"{path}: checksum mismatch: the uncompressed text has sha256 {digest.hexdigest()}"
+                        + _expected(sha256))
+    return digest.hexdigest()
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def _expected(sha256: str | None) -> str:
@@ -225,29 +256,60 @@ def _expected(sha256: str | None) -> str:
             f"re-downloads it into {cache_dir()}) or pass data_dir / set LMCORE_DATA_DIR to a good copy.")
 
 
-def _lines(data: bytes):
-    # Line by line as `open(path, encoding="utf8")` reads them (universal newlines), like pytorch/examples.
-    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+def _lines(path: Path):
+    # Line by line as `open(path, encoding="utf8")` reads them (universal newlines), like pytorch/examples; a stream,
+    # so that a corpus larger than memory is never held whole.
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8")
 
 
-def _tokenize(texts: dict[str, bytes], paths: dict[str, Path]) -> tuple[list[str], dict[str, torch.Tensor]]:
+def _tokenize(paths: dict[str, Path]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """The training vocabulary and each split's token ids; only the ids (8 bytes a word) are held in memory."""
+    for split in SPLITS:
+        _check_fits_in_memory(paths[split])
     stoi: dict[str, int] = {}
-    train_ids = []
-    for line in _lines(texts["train"]):
-        train_ids.extend(stoi.setdefault(word, len(stoi)) for word in line.split() + [EOS])
+    tensors = {"train": _ids(paths["train"], lambda words: [stoi.setdefault(w, len(stoi)) for w in words])}
     vocab = Vocab(list(stoi))
-    tensors = {"train": torch.tensor(train_ids, dtype=torch.long)}
     for split in ("valid", "test"):
-        ids = []
-        for line in _lines(texts[split]):
-            words = line.split() + [EOS]
-            try:
-                ids.extend(vocab.encode(words))
-            except KeyError as err:
-                raise DataError(f"{paths[split]}: word {err.args[0]!r} is not in the training vocabulary, "
-                                f"and there is no {UNK} to map it to") from None
-        tensors[split] = torch.tensor(ids, dtype=torch.long)
+        try:
+            tensors[split] = _ids(paths[split], vocab.encode)
+        except KeyError as err:
+            raise DataError(f"{paths[split]}: word {err.args[0]!r} is not in the training vocabulary, "
+                            f"and there is no {UNK} to map it to") from None
     return vocab.itos, tensors
+
+
+def _ids(path: Path, encode) -> torch.Tensor:
+    """The token ids of one split, `encode(words)` line by line (each line's words and `<eos>`)."""
+    ids = array.array("q")
+    try:
+        with _lines(path) as lines:
+            for line in lines:
+                ids.extend(encode(line.split() + [EOS]))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text (byte {err.start} of a block); save it as UTF-8") from None
+    except MemoryError:
+        raise DataError(f"{path}: {path.stat().st_size:,} bytes: its token ids do not fit in this machine's "
+                        "memory; use a smaller corpus or a machine with more memory") from None
+    return torch.frombuffer(ids, dtype=torch.long) if len(ids) else torch.empty(0, dtype=torch.long)
+
+
+def _check_fits_in_memory(path: Path) -> None:
+    """Refuse, before reading it, a plain text larger than the memory available: its token ids alone (8 bytes a
+    word, a word and a space being 2 bytes or more) may need more, and Linux ends such a process unannounced."""
+    size, available = path.stat().st_size, available_memory()
+    if path.suffix != ".gz" and available is not None and size > available:
+        raise DataError(f"{path}: {size:,} bytes is more than the {available:,} bytes of memory available; its "
+                        "token ids would not fit. Use a smaller corpus or a machine with more memory")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def corpus_cache_path(name: str, digests: dict[str, str]) -> Path:
@@ -259,14 +321,12 @@ def load_corpus(name: str, data_dir: str | os.PathLike | None = None) -> Corpus:
     """The tokenised corpus `name` ("ptb", "wikitext-2" or "text"), from the cache when it is there."""
     dataset = get_dataset(name)
     paths = find_files(name, data_dir)
-    texts, digests = {}, {}
-    for split in SPLITS:
-        texts[split], digests[split] = read_verified(paths[split], dataset.splits[split].sha256)
+    digests = {split: verified_digest(paths[split], dataset.splits[split].sha256) for split in SPLITS}
 
     cached = corpus_cache_path(name, digests)
     saved = _read_cache(cached)
     if saved is None:
-        itos, tensors = _tokenize(texts, paths)
+        itos, tensors = _tokenize(paths)
         saved = {"itos": itos, **tensors}
         files.write_atomically(cached, lambda f: torch.save(saved, f))
     return Corpus(name, saved["train"], saved["valid"], saved["test"], Vocab(saved["itos"]))

@@ -2,9 +2,12 @@
 import functools
 import os
 import select
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from enum import IntEnum
+from typing import Any
 
 
 class ExitCode(IntEnum):
@@ -12,7 +15,7 @@ class ExitCode(IntEnum):
     ERROR = 1  # an unexpected error (a bug: the traceback is printed)
     BAD_INPUT = 2  # one message naming the file and field; nothing written, nothing launched
     NO_RESULT = 3  # finished without a usable result: the run diverged, or every trial errored or diverged
-    INTERRUPTED = 130  # Ctrl-C: run the same command again to resume
+    INTERRUPTED = 130  # Ctrl-C, or SIGTERM (`timeout`, a job scheduler, systemd, Kubernetes): run it again to resume
     CLOSED_PIPE = 141  # the reader of our output went away (`| head`): what a shell reports for SIGPIPE
 
 
@@ -39,6 +42,37 @@ def quiet_when_output_closes(main: Callable[..., int]) -> Callable[..., int]:
             return ExitCode.CLOSED_PIPE if code in (None, ExitCode.OK) else code
         return code
     return guarded
+
+
+def sigterm_as_ctrl_c(main: Callable[..., int]) -> Callable[..., int]:
+    """A command line's main, for which SIGTERM (what `timeout`, a job scheduler, systemd or Kubernetes send) is
+    Ctrl-C: whatever handles SIGINT at that moment runs (Ray Tune's saves the study and ends the fit; Python's
+    raises KeyboardInterrupt), so the command ends as interrupted, INTERRUPTED, saying how to resume. The previous
+    SIGTERM handler is back when main returns. In the main thread only (signals are delivered there)."""
+    @functools.wraps(main)
+    def handled(*args, **kwargs) -> int:
+        if threading.current_thread() is not threading.main_thread():
+            return main(*args, **kwargs)
+        previous = signal.signal(signal.SIGTERM, _as_ctrl_c)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    return handled
+
+
+def reclaim_sigterm(replaced: Any) -> None:
+    """Put back the SIGTERM handler `replaced` was, if it was ours: a library that installs its own (ray.init: an
+    exit with status 15, mid-run) must not undo sigterm_as_ctrl_c. Another program's handler is left alone."""
+    if replaced is _as_ctrl_c and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _as_ctrl_c)
+
+
+def _as_ctrl_c(signum: int, frame) -> None:
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):  # SIGINT ignored or left to the system: still an interruption
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
 
 
 def _reader_gone() -> bool:

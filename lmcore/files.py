@@ -10,6 +10,7 @@ half-written checkpoint, table or cache entry.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -118,6 +119,16 @@ def read_yaml(path: str | os.PathLike, source: str | None = None) -> dict[str, A
     return tree
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file we wrote (a summary, a cache); FileError naming it when it cannot be read or is damaged."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FileError(f"{path}: damaged (not the JSON this program writes)") from None
+    except OSError as err:
+        raise FileError(f"{path}: cannot be read ({err.strerror})") from None
+
+
 def parse_yaml(text: str, source: str) -> Any:
     """YAML text -> Python values, with the limits above; FileError says where it went wrong, not what it read."""
     try:
@@ -145,6 +156,12 @@ def parse_value(text: str, source: str = "value") -> Any:
         return text
 
 
+def printable(text: str) -> str:
+    """`text` with its control characters (terminal escape sequences, newlines) written as Python escapes (`\\x1b`):
+    a message echoing a value never lets it steer the user's terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def short_repr(value: Any, limit: int = 80) -> str:
     """repr(value), cut to `limit` characters: error messages never echo a whole file or a huge value."""
     text = repr(value)
@@ -152,6 +169,34 @@ def short_repr(value: Any, limit: int = 80) -> str:
 
 
 # -- writing ---------------------------------------------------------------------------------------------
+
+SYSTEM_FOLDERS = (Path("/proc"), Path("/sys"))  # the kernel's views: nothing of ours is ever written there
+
+
+def why_unwritable(path: str | os.PathLike, folder: bool = False) -> str | None:
+    """Why files cannot be written at `path` (a file, or with `folder` a folder to write into, made if missing),
+    as the end of a message naming it; None when they can. Creates nothing."""
+    path = Path(path).expanduser().resolve()
+    system = next((s for s in SYSTEM_FOLDERS if path == s or s in path.parents), None)
+    if system is not None:
+        return f"is inside {system}, a system folder"
+    if path.is_dir() and not folder:
+        return "is a folder"
+    if path.exists() and folder and not path.is_dir():
+        return "exists and is not a folder"
+    if path.exists() and not folder and not path.is_file():
+        return "exists and is not a regular file"
+    above = path if folder else path.parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        return f"cannot be made: {above} is not a folder"
+    if not os.access(above, os.W_OK | os.X_OK):
+        return f"cannot be written: {above} is not writable by this user"
+    if os.statvfs(above).f_flag & os.ST_RDONLY:
+        return f"cannot be written: {above} is on a read-only filesystem"
+    return None
+
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> None:

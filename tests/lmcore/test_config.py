@@ -108,3 +108,11 @@ def test_error_lines_name_the_field_and_never_echo_a_big_or_unknown_value():
     assert "run.yaml: model.rounds: Input should be greater than or equal to 0 (got -1)" in lines
     assert "run.yaml: model.colour: Extra inputs are not permitted" in lines
     assert all("secret" not in line and "[1, 1" not in line for line in lines)
+
+
+def test_take_overrides_takes_every_set_out_of_the_command_line():
+    from lmcore.config import take_overrides
+
+    argv = ["check", "x.yaml", "--set", "a=1", "--set=b=2", "--num-cpus", "2", "--", "--set", "c=3"]
+    assert take_overrides(argv) == (["check", "x.yaml", "--num-cpus", "2", "--", "--set", "c=3"], ["a=1", "b=2"])
+    assert take_overrides(["check", "--set"]) == (["check", "--set"], [])  # left for argparse to report

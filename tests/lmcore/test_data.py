@@ -293,3 +293,45 @@ def test_vocab_round_trip():
     assert vocab.decode(torch.tensor([1, 0])) == ["<eos>", "a"]
     with pytest.raises(KeyError):
         Vocab(["a"]).encode(["b"])
+
+
+# -- issue 25: files that are not text, and corpora larger than memory ---------------------------------------
+
+
+def test_a_fifo_or_a_device_as_a_split_is_named_as_not_a_regular_file(tiny_corpus_dir, data_env):
+    train = tiny_corpus_dir / "train.txt"
+    train.unlink()
+    os.mkfifo(train)  # a reader would wait forever for a writer
+    with pytest.raises(DataError, match=r"train.txt: not a regular file \(a FIFO\)"):
+        load_corpus("text", tiny_corpus_dir)
+    train.unlink()
+    train.symlink_to("/dev/zero")  # endless
+    with pytest.raises(DataError, match=r"train.txt: not a regular file \(a link to a character device\)"):
+        load_corpus("text", tiny_corpus_dir)
+
+
+def test_a_corpus_is_tokenised_as_a_stream(tiny_corpus_dir, data_env):
+    import tracemalloc
+
+    line = " ".join(f"{'w' * 17}{i:03d}" for i in range(50)) + "\n"  # 21 bytes a word: ids take 8 of them
+    (tiny_corpus_dir / "train.txt").write_text(line * 10_000 + " <unk>\n")
+    size = (tiny_corpus_dir / "train.txt").stat().st_size
+    tracemalloc.start()
+    try:
+        corpus = load_corpus("text", tiny_corpus_dir)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(corpus.train) == 510_002
+    assert corpus.vocab.decode(corpus.train[:2]) == ["w" * 17 + "000", "w" * 17 + "001"]
+    assert peak < 0.6 * size  # the ids, not the text (read whole, the text alone would be `size`)
+
+
+def test_a_split_larger_than_the_memory_available_is_refused_naming_it_and_its_size(tiny_corpus_dir, data_env,
+                                                                                      monkeypatch):
+    size = (tiny_corpus_dir / "train.txt").stat().st_size
+    monkeypatch.setattr(data, "available_memory", lambda: size - 1)
+    with pytest.raises(DataError) as error:
+        load_corpus("text", tiny_corpus_dir)
+    assert str(error.value).startswith(f"{tiny_corpus_dir / 'train.txt'}: {size:,} bytes is more than the")
+    assert not list((data_env / "corpora").glob("*"))  # nothing cached

@@ -70,3 +70,42 @@ def test_writes_are_atomic_and_leave_no_temporary_files(tmp_path):
     assert target.read_text() == "old" and os.listdir(target.parent) == ["table.md"]
     files.copy_file(target, tmp_path / "copy.md")
     assert (tmp_path / "copy.md").read_text() == "old"
+
+
+def test_printable_escapes_control_characters_only():
+    assert files.printable("description=\x1b[31mred\x1b[0m\nnext é") == "description=\\x1b[31mred\\x1b[0m\\nnext é"
+
+
+@pytest.mark.parametrize("path, folder, problem", [
+    ("/dev/null", True, "exists and is not a folder"),
+    ("/dev/null", False, "exists and is not a regular file"),  # a rename over it would replace the device
+    ("/proc/results", True, "is inside /proc, a system folder"),
+    ("/sys/out.yaml", False, "is inside /sys, a system folder"),
+])
+def test_why_unwritable_names_system_paths(path, folder, problem):
+    assert files.why_unwritable(path, folder) == problem
+
+
+def test_why_unwritable_in_a_users_tree(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert files.why_unwritable(tmp_path / "new" / "deeper", folder=True) is None  # made when written
+    assert files.why_unwritable(tmp_path / "out.yaml") is None
+    assert files.why_unwritable(tmp_path, folder=False) == "is a folder"
+    assert files.why_unwritable(tmp_path / "file" / "x", folder=True) == f"cannot be made: {tmp_path / 'file'} is " \
+                                                                         "not a folder"
+    assert not list(tmp_path.glob("new"))  # nothing made
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes any folder")
+def test_why_unwritable_names_a_folder_this_user_cannot_write(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert files.why_unwritable(locked / "results", folder=True) == f"cannot be written: {locked} is not writable " \
+                                                                     "by this user"
+
+
+def test_read_json_names_a_damaged_file(tmp_path):
+    path = write(tmp_path, b"\x81\x00{", "summary.json")
+    with pytest.raises(files.FileError, match=f"^{path}: damaged"):
+        files.read_json(path)
+    assert files.read_json(write(tmp_path, '{"a": 1}', "ok.json")) == {"a": 1}
