@@ -125,6 +125,8 @@ HOW: dict[str, Run | Skip] = {
     "./dev quickstart": check("python tune.py experiments/quickstart.yaml"),  # what ./dev quickstart runs
     "./dev test": Skip("the test suite itself"),
     "python tune.py experiments/quickstart.yaml": check("python tune.py experiments/quickstart.yaml"),
+    "python tune.py experiments/quickstart.yaml --set report.seeds=3":
+        check("python tune.py experiments/quickstart.yaml --set report.seeds=3"),
     "python tune.py experiments/ptb_mogrify.yaml": check("python tune.py experiments/ptb_mogrify.yaml"),
     "python tune.py experiments/ptb_mogrify.yaml --set trials=32 --set model.dropout.state=0.3":
         check("python tune.py experiments/ptb_mogrify.yaml --set trials=32 --set model.dropout.state=0.3"),
@@ -146,14 +148,11 @@ HOW: dict[str, Run | Skip] = {
         plus("python benchmarks/mogrifier_speed.py --threads 1", BENCH_TINY),
     "python benchmarks/mogrifier_speed.py --device cuda":
         plus("python benchmarks/mogrifier_speed.py --device cuda", BENCH_TINY, gpu=True),
-    "python benchmarks/mogrifier_speed.py --device cuda --amp":
-        plus("python benchmarks/mogrifier_speed.py --device cuda --amp", BENCH_TINY, gpu=True),
     BENCH_LOOP: Run((BENCH_LOOP.replace("--run-name", "--runs-dir {tmp}/runs --run-name")
                      .replace("model.hidden=256", "model.hidden=32")
                      # the Python loops score PTB's valid and test in minutes: scored on {markov}
                      .replace("train.steps_per_epoch=80", "train.steps_per_epoch=3 --set data.name=text --set "
                               "data.dir={markov} --set data.batch_size=8 --set data.eval_batch_size=8"),)),
-    "python -m pytest -q tests/lmcore/test_mogrifier.py": Skip("part of this test suite"),
     # The cluster (docs/tuning.md): real machines, or the local cluster that tests/e2e/test_cluster.py starts.
     "export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/shared/ray_token": Skip("sets the cluster's environment"),
     "python -c 'import secrets; print(secrets.token_hex(32))' > /shared/ray_token; chmod 600 /shared/ray_token":
@@ -165,6 +164,8 @@ HOW: dict[str, Run | Skip] = {
     "source /tmp/lmcore-cluster-$USER/cluster.env": Skip("tests/e2e/test_cluster.py reads cluster.env"),
     'python tune.py experiments/quickstart.yaml --address "$RAY_ADDRESS"': Skip("tests/e2e/test_cluster.py (tiny)"),
     "scripts/local_cluster.sh stop": Skip("tests/e2e/test_cluster.py"),
+    "./dev gpu-prepare": Skip("downloads wheels; tests/e2e/test_benchmarks.py checks its data copy and pip command"),
+    "./dev gpu-check OUT": Skip("tests/e2e/test_benchmarks.py runs `./dev gpu-check OUT --dry-run`"),
     "python benchmarks/tuner_overhead.py --cpus 2": Skip("a 10-minute benchmark; its --quick form is the same code"),
     "python benchmarks/tuner_overhead.py --quick --cpus 2": Skip("minutes: run by hand for docs/benchmarks.md"),
     # Exported configs of the tiny experiment ({tiny}: a "text" corpus) train in seconds.

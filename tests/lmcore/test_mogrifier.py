@@ -73,7 +73,7 @@ def paper_forward(layer, x, state, state_mask):
 
 def loss_of(out, h, c):
     """A loss that weighs every output, the final h and the final c differently."""
-    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     return (out * w).sum() + (h * h).sum() + (c.sin()).sum()
 
 
