@@ -7,9 +7,10 @@
     results.trials.sort_values("best_valid_ppl").head()
     from lmtune import plots; plots.learning_curves(results)   # matplotlib Figures
     runs = load_runs(["runs/a_seed1", "runs/a_seed2"]); seed_groups(runs)   # single lmcore runs, mean ± sd
+    results.seed_runs; pairs_frame(["results/a", "results/b"])   # report.seeds: reruns; Welch's interval per pair
 """
 from lmtune.experiment import Experiment, load_experiment
-from lmtune.results import Results, compare_frame, load_results, results_frame
+from lmtune.results import Results, compare_frame, load_results, pairs_frame, results_frame, seed_runs_frame
 from lmtune.schema import ExperimentError
 from lmtune.single_runs import load_runs, seed_groups
 
@@ -21,9 +22,11 @@ __all__ = [
     "load_experiment",
     "load_results",
     "load_runs",
+    "pairs_frame",
     "results_frame",
     "run_experiment",
     "seed_groups",
+    "seed_runs_frame",
 ]
 
 

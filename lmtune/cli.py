@@ -137,20 +137,24 @@ def _keep_existing(paths: list[Path], force: bool) -> None:
 
 def compare_command(args: argparse.Namespace) -> int:
     from lmtune import plots
-    from lmtune.report import compare
-    from lmtune.results import load_results
-    from lmtune.table_files import markdown
+    from lmtune.report import compare, comparison_markdown, pairs_file
+    from lmtune.results import load_results, pairs_frame
 
     folders = [_experiment_folder(f) for f in args.folders]
     out = Path(args.out) if args.out else folders[0].parent / "comparison"
     if args.out:  # the default, beside the experiments, is ours to rewrite; a file the user named is not
-        _keep_existing([out.with_suffix(s) for s in (".md", ".csv", ".png")], args.force)
+        _keep_existing([out.with_suffix(s) for s in (".md", ".csv", ".png")] + [pairs_file(out)], args.force)
     table = compare(folders)
+    pairs = pairs_frame(folders)  # report.seeds: each pair's difference with Welch's interval
+    written = [out.with_suffix(".md"), out.with_suffix(".csv"), out.with_suffix(".png")] + [pairs_file(out)] * bool(
+        len(pairs))
     files.write_text(out.with_suffix(".csv"), table.to_csv(index=False))
-    files.write_text(out.with_suffix(".md"), markdown(table) + "\n")
+    files.write_text(out.with_suffix(".md"), comparison_markdown(table, pairs))
+    if len(pairs):
+        files.write_text(pairs_file(out), pairs.to_csv(index=False))
     plots.save_png(plots.comparison([load_results(f) for f in folders]), out.with_suffix(".png"))
-    print(markdown(table))
-    print(f"\nwritten: {out.with_suffix('.md')}, {out.with_suffix('.csv')}, {out.with_suffix('.png')}")
+    print(comparison_markdown(table, pairs), end="")
+    print(f"\nwritten: {', '.join(map(str, written))}")
     return 0
 
 

@@ -96,7 +96,13 @@ def _fit(exp: Experiment, plan: Plan, started: bool) -> bool:
             ),
         )
     tuner.fit()
-    return study_ended(exp)
+    if not study_ended(exp):
+        return False
+    if exp.spec.report.seeds:  # each family's best rerun with other seeds, on this Ray (lmtune/seeds.py)
+        from lmtune.seeds import run_seeds
+
+        return run_seeds(exp)
+    return True
 
 
 def study_ended(exp: Experiment) -> bool:

@@ -7,9 +7,12 @@
                                      folder itself)
     ray/asha_rungs.json              what ASHA recorded at each rung (Ray loses it on a restore)
     ray/trial_ID/checkpoint_N/       a Tune checkpoint: lmcore's model.pt and the epoch's metrics.json
+    seeds/TRIALS/                    report.seeds: the Ray experiment rerunning each family's best trial (TRIALS: their
+                                     ids) with other seeds; its trial folders as in ray/
     trials.{md,csv,parquet}          `tune.py report`: every trial
     top_k.{md,csv}                   the k best trials
     best_per_family.{md,csv}         each family's best trial, with its valid and test perplexity
+    seed_runs.{md,csv}               report.seeds: every seed rerun, with its valid and test perplexity
     history.parquet                  every trial's per-epoch metrics (learning curves)
     final_eval.json                  test-split results, cached per checkpoint (test is evaluated once)
     curves.png, params.png,          the figures of lmtune/plots.py
@@ -29,6 +32,7 @@ SNAPSHOT_FILE = "experiment.yaml"
 STUDY_FILE = "optuna.db"
 LOCK_FILE = ".lock"
 RAY_FOLDER = "ray"
+SEEDS_FOLDER = "seeds"
 RUNGS_FILE = "asha_rungs.json"
 CHECKPOINT_FILE = "model.pt"  # the one file lmcore's save_checkpoint writes, inside each Tune checkpoint
 METRICS_FILE = "metrics.json"  # the epoch's metrics, beside it
@@ -37,6 +41,7 @@ SUMMARY_FILE = "summary.json"
 SUMMARY_MARKDOWN = "summary.md"
 HISTORY_FILE = "history.parquet"
 TRIALS_TABLE, TOP_K_TABLE, FAMILY_TABLE = "trials", "top_k", "best_per_family"  # stems: .md, .csv (.parquet)
+SEED_RUNS_TABLE = "seed_runs"
 CURVES_FIGURE, PARAMS_FIGURE, IMPORTANCE_FIGURE, PROGRESS_FIGURE = "curves.png", "params.png", "importance.png", \
     "progress.png"
 OURS = {SNAPSHOT_FILE, STUDY_FILE, LOCK_FILE}  # all a folder holds if it stopped before Ray's first snapshot
@@ -72,6 +77,11 @@ class ExperimentFolder:
     def ray(self) -> Path:
         """Where Ray keeps the experiment's state and trial folders: ray/, or the folder itself (older runs)."""
         return self.path / RAY_FOLDER if (self.path / RAY_FOLDER).is_dir() else self.path
+
+    @property
+    def seeds(self) -> Path:
+        """Where the seed reruns' Ray experiments live (report.seeds), one folder per set of trials rerun."""
+        return self.path / SEEDS_FOLDER
 
     @property
     def rungs(self) -> Path:

@@ -21,8 +21,9 @@ from matplotlib.ticker import MaxNLocator
 
 from lmcore import files
 from lmtune import layout
+from lmtune.confidence import LEVEL, mean_interval
 from lmtune.layout import ExperimentFolder
-from lmtune.results import Results, finite, results_frame
+from lmtune.results import Results, finite, results_frame, seed_runs_frame
 
 # How each trial status is drawn: the trials ASHA stopped early and the diverged ones stand out.
 MARKERS = {"completed": "o", "early-stopped": "v", "diverged": "X", "error": "X"}
@@ -163,21 +164,48 @@ def search_progress(results: Results | list[Results]) -> Figure:
 
 
 def comparison(results: list[Results]) -> Figure:
-    """Best valid and test perplexity per family and dataset, over several experiments (`tune.py compare`)."""
-    table = results_frame(results)
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
-    for ax, column, title in zip(fig.subplots(1, 2, sharey=True), ("best_valid_ppl", "test_ppl"),
-                                 ("Best valid perplexity", "Test perplexity of that checkpoint")):
-        wide = table.pivot_table(index="dataset", columns="family", values=column, aggfunc="min")
-        if wide.notna().any().any():
-            wide.plot.bar(ax=ax, rot=0, legend=False)
-            for bars in ax.containers:  # the numbers, so that close families can be told apart
-                ax.bar_label(bars, fmt="%.1f", fontsize="small")
-        ax.set(title=f"{title} per family and dataset", xlabel="dataset", ylabel="perplexity (lower is better)")
+    """Valid and test perplexity of each family's best, per experiment (`tune.py compare`): a line for the searched
+    trial's best checkpoint and, with report.seeds, a point per seed rerun and their mean with its 95% confidence
+    interval. The axis spans the values, not from zero: the seeds' spread is what a reader compares."""
+    table = results_frame(results).sort_values(["dataset", "experiment", "family"], kind="stable", ignore_index=True)
+    seeds = seed_runs_frame(results)
+    colors = {family: f"C{i}" for i, family in enumerate(sorted(table["family"].dropna().unique()))}
+    fig = Figure(figsize=(max(10.0, 2.4 * len(table) + 3), 4.5), layout="constrained")
+    for ax, column, title in zip(fig.subplots(1, 2, sharey=True), ("valid_ppl", "test_ppl"),
+                                 ("Valid perplexity", "Test perplexity")):
+        # before `tune.py report` there is no valid_ppl of the best checkpoint: the search's best valid perplexity
+        searched = table[column].where(table[column].map(finite), table["best_valid_ppl"] if column == "valid_ppl"
+                                       else math.nan)
+        for i, row in table.iterrows():
+            color = colors.get(row["family"], "C7")
+            if finite(searched[i]):
+                ax.hlines(searched[i], i - 0.35, i + 0.35, color=color, lw=3, label="the searched trial")
+                ax.annotate(f"{searched[i]:.1f}", (i - 0.35, searched[i]), textcoords="offset points", xytext=(0, 3),
+                            fontsize="small", color=color)
+            _seed_points(ax, i, seeds, row, column)
+        ax.set_xticks(table.index, [f"{f}\n{e}" for f, e in zip(table["family"], table["experiment"])])
+        ax.set_xlim(-0.6, len(table) - 0.4)
+        ax.set(title=f"{title} of each family's best", xlabel="family, experiment",
+               ylabel="perplexity (lower is better)")
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, title="family", loc="outside right upper")
+        unique = dict(zip(labels, handles))  # one entry per kind of mark
+        fig.legend(unique.values(), unique.keys(), loc="outside right upper", fontsize="small")
     return fig
+
+
+def _seed_points(ax, x: int, seeds: pd.DataFrame, row: pd.Series, column: str) -> None:
+    """One experiment's family at `x`: its seed reruns' values as points, their mean with its confidence interval."""
+    mine = seeds[(seeds["experiment"] == row["experiment"]) & (seeds["family"] == row["family"])]
+    values = [float(v) for v in mine[column] if finite(v)]
+    if not values:
+        return
+    offsets = [0.3 * (k / max(1, len(values) - 1) - 0.5) for k in range(len(values))]  # side by side, not stacked
+    ax.scatter([x - 0.05 + o for o in offsets], values, s=16, color="black", zorder=3, label="a seed rerun")
+    mean, half = mean_interval(values)
+    if finite(half):
+        ax.errorbar([x + 0.3], [mean], yerr=[half], fmt="D", color="black", capsize=4, zorder=3,
+                    label=f"mean of the seed reruns, {LEVEL:.0%} interval")
 
 
 FIGURES = {  # the PNG files `tune.py report` writes, and what draws each

@@ -5,11 +5,11 @@
     results.trials          # one row per trial: status, epochs, best_valid_ppl, params, tokens/s, time, settings
     results.history         # one row per trial and epoch (learning curves), with the trial's family and settings
     results.top(5); results.best_per_family(); results.config(trial_id); results.summary  # after `tune.py report`
+    results.seed_runs       # report.seeds: each family's best trial rerun with other seeds, one row per rerun
     print(config_yaml(*results.built_config(trial_id)))   # the model as built, the settings its family reads
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +17,17 @@ from typing import Any
 
 import pandas as pd
 import yaml
+from pydantic import ValidationError
 
+from lmcore import files
 from lmcore.checkpoint import load_checkpoint
 from lmcore.config import Config, make_config, set_dotted
 from lmcore.models.families import applies_to, width_setting
 from lmcore.train import EpochMetrics
-from lmtune.layout import CHECKPOINT_FILE, ExperimentFolder
-from lmtune.schema import ExperimentSpec
+from lmtune.confidence import SEED_COLUMNS
+from lmtune.layout import CHECKPOINT_FILE, SUMMARY_FILE, ExperimentFolder
+from lmtune.schema import ExperimentError, ExperimentSpec
+from lmtune.seeds import RERUN
 from lmtune.space import trial_settings
 
 HISTORY_COLUMNS = [*(k for k in EpochMetrics.__annotations__ if k != "params"), "time_total_s", "timestamp"]
@@ -33,6 +37,9 @@ ENDED = ("completed", "early-stopped", "diverged", "error")  # a trial in any ot
 FAMILY_COLUMNS = ["family", "trial_id", "params", "best_valid_ppl", "valid_ppl", "test_ppl", "trials", "compute_h"]
 COMPARE_COLUMNS = ["experiment", "dataset", *FAMILY_COLUMNS]
 DYNAMIC_COLUMN = "dynamic_test_ppl"  # with report.dynamic: each family's best under dynamic evaluation
+# With report.seeds: one row per rerun (each family's best over its reruns: confidence.SEED_COLUMNS).
+SEED_RUN_COLUMNS = ["family", "of_trial", "seed", "trial_id", "status", "epochs", "best_valid_ppl", "valid_ppl",
+                    "test_ppl", "compute_h"]
 MANAGED_PER_TRIAL = ("train.threads", "train.device", "train.progress")  # the tuner's choices, not the recipe's
 
 
@@ -45,6 +52,9 @@ class Results:
     base: dict[str, Any] = field(default_factory=dict)  # the lmcore settings every trial shared (dotted names)
     summary: dict[str, Any] = field(default_factory=dict)
     analysis: Any = None  # Ray's ExperimentAnalysis, for checkpoints
+    # report.seeds: the reruns of each family's best trial (valid and test perplexity once reported), SEED_RUN_COLUMNS
+    seed_runs: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SEED_RUN_COLUMNS))
+    seed_analyses: list = field(default_factory=list)  # Ray's ExperimentAnalysis of each seeds/ experiment
 
     @property
     def name(self) -> str:
@@ -78,8 +88,8 @@ class Results:
         return best.sort_values("best_valid_ppl", kind="stable")
 
     def family_table(self) -> pd.DataFrame:
-        """FAMILY_COLUMNS (and DYNAMIC_COLUMN if reported): the reported table (with test perplexity) once
-        `tune.py report` ran, else one without."""
+        """FAMILY_COLUMNS (and DYNAMIC_COLUMN, SEED_COLUMNS if reported): the reported table (with test perplexity)
+        once `tune.py report` ran, else one without."""
         if self.summary.get("families"):
             return with_columns(pd.DataFrame(self.summary["families"]), FAMILY_COLUMNS)
         return self.best_per_family().reindex(columns=FAMILY_COLUMNS)
@@ -105,16 +115,67 @@ class Results:
         checkpoint = self.analysis.get_best_checkpoint(trial, metric="valid_ppl", mode="min")
         return Path(checkpoint.path) if checkpoint else None
 
+    def seed_checkpoint(self, trial_id: str) -> Path | None:
+        """The folder of a seed rerun's checkpoint with the lowest valid perplexity."""
+        for analysis in self.seed_analyses:
+            for trial in analysis.trials:
+                if trial.trial_id == trial_id:
+                    checkpoint = analysis.get_best_checkpoint(trial, metric="valid_ppl", mode="min")
+                    return Path(checkpoint.path) if checkpoint else None
+        return None
+
 
 def read_snapshot(folder: str | Path) -> tuple[ExperimentSpec | None, dict[str, Any]]:
-    """The experiment.yaml snapshot back through the schema: (the experiment's spec, its shared lmcore settings)."""
-    raw = ExperimentFolder(folder).read_snapshot()
-    if raw is None:
-        return None, {}
-    base = raw.pop("base", {}) or {}
-    # The snapshot keeps the search space as its description (lines of text), not the file it came from.
-    raw["search_space"] = "\n".join(raw.pop("space", None) or [])
-    return ExperimentSpec.model_validate(raw), base
+    """The experiment.yaml snapshot back through the schema: (the experiment's spec, its shared lmcore settings).
+    ExperimentError naming the file when it is damaged or not one tune.py wrote."""
+    layout = ExperimentFolder(folder)
+    try:
+        raw = layout.read_snapshot()
+        if raw is None:
+            return None, {}
+        base = raw.pop("base", {}) or {}
+        # The snapshot keeps the search space as its description (lines of text), not the file it came from.
+        raw["search_space"] = "\n".join(raw.pop("space", None) or [])
+        return ExperimentSpec.model_validate(raw), dict(base)
+    except files.FileError as err:
+        problem = str(err)
+    except (ValidationError, AttributeError, TypeError, ValueError):  # YAML, but not the snapshot we write
+        problem = f"{layout.snapshot}: not the experiment snapshot tune.py writes"
+    raise ExperimentError(f"{problem}; it names the experiment this folder holds: restore it from a backup, or "
+                          f"copy the experiment file that made the folder to {layout.snapshot}") from None
+
+
+def read_summary(folder: str | Path, rebuild: bool = False) -> dict[str, Any]:
+    """summary.json as `tune.py report` wrote it ({} before the first report). Damaged: ExperimentError naming it,
+    or with `rebuild` (the report, about to rewrite it) {} and a line saying so."""
+    path = ExperimentFolder(folder).summary_json
+    try:
+        summary = files.read_json(path) if path.exists() else {}
+        problem = None if isinstance(summary, dict) else f"{path}: damaged (not a summary)"
+    except files.FileError as err:
+        problem = str(err)
+    if problem is None:
+        return summary
+    if rebuild:
+        print(f"{problem}: rebuilding it")
+        return {}
+    raise ExperimentError(f"{problem}; `python tune.py report {Path(folder)}` rebuilds it")
+
+
+def ray_analysis(folder: Path):
+    """Ray's ExperimentAnalysis of the study (its newest experiment_state-*.json); ExperimentError naming that file
+    when it is damaged."""
+    from ray.tune import ExperimentAnalysis
+
+    ray = ExperimentFolder(folder).ray
+    try:
+        return ExperimentAnalysis(str(ray))
+    except (ValueError, KeyError, TypeError) as err:  # not JSON (UnicodeDecodeError, JSONDecodeError), or not Ray's
+        states = sorted(ray.glob("experiment_state-*.json"))
+        raise ExperimentError(
+            f"{states[-1] if states else ray}: damaged ({type(err).__name__}): Ray's record of the study cannot be "
+            f"read; each trial's results remain in {ray}/trial_*/. Restore the file from a backup to report or "
+            "resume the study") from None
 
 
 def built_config(checkpoint_file: Path) -> tuple[Config, int]:
@@ -148,14 +209,13 @@ def model_line(config: Config, params: int | None) -> str:
     return line + (f", {params:,} parameters" if params is not None else "")
 
 
-def load_results(folder: str | Path) -> Results:
-    """Read an experiment folder (finished or not) into DataFrames. Needs no running Ray."""
-    from ray.tune import ExperimentAnalysis
-
+def load_results(folder: str | Path, rebuild: bool = False) -> Results:
+    """Read an experiment folder (finished or not) into DataFrames. Needs no running Ray. A damaged file is an
+    ExperimentError naming it; with `rebuild` (the report) a damaged summary.json is read as none."""
     folder = Path(folder).resolve()
     experiment, base = read_snapshot(folder)
     max_epochs = experiment.scheduler.max_epochs if experiment else None
-    analysis = ExperimentAnalysis(str(ExperimentFolder(folder).ray))
+    analysis = ray_analysis(folder)
     frames = analysis.trial_dataframes
     rows, curves = [], []
     for trial in analysis.trials:
@@ -167,9 +227,36 @@ def load_results(folder: str | Path) -> Results:
     trials = pd.DataFrame(rows, columns=_columns(rows))
     trials = trials.sort_values("started_at", kind="stable", ignore_index=True)  # the order the search made them
     history = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=["trial_id", *HISTORY_COLUMNS])
-    summary_file = ExperimentFolder(folder).summary_json
-    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    return Results(folder, trials, history, experiment, base, summary, analysis)
+    summary = read_summary(folder, rebuild)
+    results = Results(folder, trials, history, experiment, base, summary, analysis)
+    results.seed_runs, results.seed_analyses = _seed_runs(results, max_epochs)
+    return results
+
+
+def _seed_runs(results: Results, max_epochs: int | None) -> tuple[pd.DataFrame, list]:
+    """The seed reruns (SEED_RUN_COLUMNS) of the trials that are now each family's best, from every Ray experiment
+    under seeds/ (a study grown since may have rerun other trials before), and those experiments."""
+    from ray.tune import ExperimentAnalysis
+
+    seeds = ExperimentFolder(results.folder).seeds
+    folders = sorted(p for p in seeds.iterdir() if any(p.glob("experiment_state-*.json"))) if seeds.is_dir() else []
+    analyses = [ExperimentAnalysis(str(p)) for p in folders]
+    best = set(results.best_per_family()["trial_id"])
+    reported = {r["trial_id"]: r for r in results.summary.get("seed_runs", []) if isinstance(r, dict)}
+    rows = []
+    for trial in (t for analysis in analyses for t in analysis.trials):
+        rerun, last = (trial.config or {}).get(RERUN), trial.last_result or {}
+        if not isinstance(rerun, dict) or rerun.get("of_trial") not in best:
+            continue
+        epochs = int(last.get("epoch", 0) or 0)
+        rows.append({"family": rerun["family"], "of_trial": rerun["of_trial"], "seed": rerun["seed"],
+                     "trial_id": trial.trial_id, "status": trial_status(trial.status, last, epochs, max_epochs),
+                     "epochs": epochs, "best_valid_ppl": float(last.get("best_valid_ppl", math.nan)),
+                     "valid_ppl": reported.get(trial.trial_id, {}).get("valid_ppl", math.nan),
+                     "test_ppl": reported.get(trial.trial_id, {}).get("test_ppl", math.nan),
+                     "compute_h": float(last.get("time_total_s", 0.0)) / 3600})
+    runs = pd.DataFrame(rows, columns=SEED_RUN_COLUMNS).sort_values(["family", "seed"], kind="stable")
+    return runs.reset_index(drop=True), analyses
 
 
 def results_frame(runs: list[Results]) -> pd.DataFrame:
@@ -183,8 +270,16 @@ def results_frame(runs: list[Results]) -> pd.DataFrame:
 
 
 def with_columns(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """`table`'s `columns` in order, then its dynamic-evaluation column if it has one."""
-    return table.reindex(columns=columns + [DYNAMIC_COLUMN] * (DYNAMIC_COLUMN in table))
+    """`table`'s `columns` in order, then its dynamic-evaluation and seed columns if it has them."""
+    return table.reindex(columns=columns + [c for c in [DYNAMIC_COLUMN, *SEED_COLUMNS] if c in table])
+
+
+def seed_runs_frame(runs: list[Results]) -> pd.DataFrame:
+    """The seed reruns of several experiments, with each one's experiment and dataset (SEED_RUN_COLUMNS after)."""
+    frames = [r.seed_runs.assign(experiment=r.name, dataset=r.experiment.dataset if r.experiment else None)
+              for r in runs if len(r.seed_runs)]
+    columns = ["experiment", "dataset", *SEED_RUN_COLUMNS]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def summary_frame(summaries: list[dict[str, Any]]) -> pd.DataFrame:
@@ -196,13 +291,27 @@ def summary_frame(summaries: list[dict[str, Any]]) -> pd.DataFrame:
 
 def compare_frame(folders: list[str | Path]) -> pd.DataFrame:
     """summary_frame over experiment folders (needs each folder's summary.json, written by `tune.py report`)."""
+    return summary_frame(_summaries(folders))
+
+
+def pairs_frame(folders: list[str | Path]) -> pd.DataFrame:
+    """report.seeds over experiment folders: each pair of families of a dataset, the difference of their mean test
+    perplexities with Welch's 95% interval (lmtune/confidence.py's PAIR_COLUMNS; empty without seed reruns)."""
+    from lmtune.confidence import seed_pairs
+
+    rows = [{"experiment": s["experiment"], "dataset": s["dataset"], **run} for s in _summaries(folders)
+            for run in s.get("seed_runs", [])]
+    return seed_pairs(pd.DataFrame(rows, columns=["experiment", "dataset", *SEED_RUN_COLUMNS]))
+
+
+def _summaries(folders: list[str | Path]) -> list[dict[str, Any]]:
     summaries = []
     for folder in folders:
-        summary_file = ExperimentFolder(folder).summary_json
-        if not summary_file.exists():
-            raise FileNotFoundError(f"{folder}: no {summary_file.name}; run `python tune.py report {folder}` first")
-        summaries.append(json.loads(summary_file.read_text()))
-    return summary_frame(summaries)
+        summary = read_summary(folder)
+        if not summary:
+            raise FileNotFoundError(f"{folder}: no {SUMMARY_FILE}; run `python tune.py report {folder}` first")
+        summaries.append(summary)
+    return summaries
 
 
 def _history(frame: pd.DataFrame | None, trial_id: str) -> pd.DataFrame:

@@ -68,6 +68,15 @@ class FailureSpec(_Strict):
 class ReportSpec(_Strict):
     top_k: Int = Field(5, ge=1, le=1000, description="rows of the top-k table")
     dynamic: bool = Field(False, description="also dynamic evaluation of each family's best (dynamic_test_ppl)")
+    seeds: Int = Field(0, ge=0, le=1000, description="after the search, each family's best config rerun with this "
+                       "many other seeds (train.seed) as trials: mean ± sd in the tables; 0: none, else at least 2")
+
+    @field_validator("seeds")
+    @classmethod
+    def _none_or_a_spread(cls, seeds: int) -> int:
+        if seeds == 1:
+            raise ValueError("0 (no reruns) or at least 2: a standard deviation needs two seeds")
+        return seeds
 
 
 class ExperimentSpec(_Strict):

@@ -29,11 +29,13 @@ def test_the_notebook_runs_and_shows_every_figure(reported_experiment, monkeypat
 
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
     figures = [cell for cell in code if "figure" in cell.metadata.get("tags", [])]
-    assert len(figures) == 5  # curves, cost, settings, importances, progress
+    assert len(figures) == 6  # comparison, curves, cost, settings, importances, progress
     for cell in figures:
         images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
         assert len(images) == 1, cell.source  # one experiment: one figure per cell
     assert "tiny" in text(code[1]) and "8 trials" in text(code[1])  # the Results it loaded
     table = next(cell for cell in code if cell.source.startswith("results_frame"))
     assert "best_valid_ppl" in text(table) and "lstm" in text(table) and "gru" in text(table)
+    seeds = next(cell for cell in code if "seed_runs_frame(runs)" in cell.source)  # report.seeds: 2 per family
+    assert "of_trial" in text(seeds) and "excludes_zero" in text(seeds) and "tiny/gru" in text(seeds)
     assert any("stopped early or diverged" in text(cell) for cell in code)
