@@ -262,8 +262,9 @@ def _seed_runs(results: Results, max_epochs: int | None) -> tuple[pd.DataFrame, 
 def results_frame(runs: list[Results]) -> pd.DataFrame:
     """The cross-experiment table (COMPARE_COLUMNS, and DYNAMIC_COLUMN where reported) from loaded results,
     reported or not (then without test ppl)."""
-    tables = [r.family_table().assign(experiment=r.name, dataset=r.experiment.dataset if r.experiment else None)
-              for r in runs]
+    labels = experiment_labels([r.name for r in runs], [r.folder for r in runs])
+    tables = [r.family_table().assign(experiment=label, dataset=r.experiment.dataset if r.experiment else None)
+              for r, label in zip(runs, labels)]
     table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=COMPARE_COLUMNS)
     return with_columns(table, COMPARE_COLUMNS).sort_values(["dataset", "best_valid_ppl"], kind="stable",
                                                             ignore_index=True)
@@ -276,8 +277,9 @@ def with_columns(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
 
 def seed_runs_frame(runs: list[Results]) -> pd.DataFrame:
     """The seed reruns of several experiments, with each one's experiment and dataset (SEED_RUN_COLUMNS after)."""
-    frames = [r.seed_runs.assign(experiment=r.name, dataset=r.experiment.dataset if r.experiment else None)
-              for r in runs if len(r.seed_runs)]
+    labels = experiment_labels([r.name for r in runs], [r.folder for r in runs])
+    frames = [r.seed_runs.assign(experiment=label, dataset=r.experiment.dataset if r.experiment else None)
+              for r, label in zip(runs, labels) if len(r.seed_runs)]
     columns = ["experiment", "dataset", *SEED_RUN_COLUMNS]
     return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
@@ -299,9 +301,17 @@ def pairs_frame(folders: list[str | Path]) -> pd.DataFrame:
     perplexities with Welch's 95% interval (lmtune/confidence.py's PAIR_COLUMNS; empty without seed reruns)."""
     from lmtune.confidence import seed_pairs
 
-    rows = [{"experiment": s["experiment"], "dataset": s["dataset"], **run} for s in _summaries(folders)
+    summaries = _summaries(folders)
+    labels = experiment_labels([s["experiment"] for s in summaries], folders)
+    rows = [{"experiment": label, "dataset": s["dataset"], **run} for s, label in zip(summaries, labels)
             for run in s.get("seed_runs", [])]
     return seed_pairs(pd.DataFrame(rows, columns=["experiment", "dataset", *SEED_RUN_COLUMNS]))
+
+
+def experiment_labels(names: list[str], folders: list[str | Path]) -> list[str]:
+    """Each experiment's name, or its folder where two compared experiments share a name (their seed reruns are
+    then never pooled)."""
+    return [name if names.count(name) == 1 else str(folder) for name, folder in zip(names, folders)]
 
 
 def _summaries(folders: list[str | Path]) -> list[dict[str, Any]]:

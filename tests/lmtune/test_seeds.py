@@ -17,6 +17,7 @@ from lmtune import load_results, plots
 from lmtune.cli import main
 from lmtune.confidence import mean_interval, seed_pairs, t_quantile, welch
 from lmtune.layout import CHECKPOINT_FILE
+from lmtune.results import experiment_labels
 from tests.conftest import process_output, scaled, tune_in_process, write_tiny_experiment
 
 # -- the statistics ---------------------------------------------------------------------------------------------
@@ -69,6 +70,10 @@ def test_pairs_rank_by_mean_and_keep_datasets_apart():
     row = pairs.iloc[0]
     assert (row["first"], row["second"]) == ("b/mogrifier", "a/lstm")
     assert row["difference"] == pytest.approx(106 - 101.5) and row["ci_low"] < row["difference"] < row["ci_high"]
+
+
+def test_experiments_of_one_name_are_told_apart_by_their_folders():
+    assert experiment_labels(["a", "b", "a"], ["x/a", "y/b", "z/a"]) == ["x/a", "b", "z/a"]  # never pooled
 
 
 def test_one_seed_is_refused(tmp_path, markov_corpus_dir, capsys):
