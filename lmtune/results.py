@@ -255,7 +255,11 @@ def _seed_runs(results: Results, max_epochs: int | None) -> tuple[pd.DataFrame, 
                      "valid_ppl": reported.get(trial.trial_id, {}).get("valid_ppl", math.nan),
                      "test_ppl": reported.get(trial.trial_id, {}).get("test_ppl", math.nan),
                      "compute_h": float(last.get("time_total_s", 0.0)) / 3600})
-    runs = pd.DataFrame(rows, columns=SEED_RUN_COLUMNS).sort_values(["family", "seed"], kind="stable")
+    runs = pd.DataFrame(rows, columns=SEED_RUN_COLUMNS)
+    # A seed is counted once: a rerun begun in one folder, interrupted, and then run in a grown study's folder shows
+    # up twice; its ended run wins.
+    runs = runs.sort_values("status", key=lambda status: ~status.isin(ENDED), kind="stable")
+    runs = runs.drop_duplicates(["of_trial", "seed"]).sort_values(["family", "seed"], kind="stable")
     return runs.reset_index(drop=True), analyses
 
 

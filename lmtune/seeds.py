@@ -7,7 +7,8 @@ reruns are kept, unfinished ones continue from their checkpoints. A study grown 
 gets a new folder; the old reruns are kept.
 
 Seed k of N is the rerun trial's own `train.seed` + k: none repeats the seed the search chose the trial with, so the
-reruns' perplexities are free of the selection (the best of many trials is lucky on average).
+reruns' perplexities are free of the selection (the best of many trials is lucky on average). A rerun that ended
+in an earlier folder (a family's best unchanged by the growth) is not run again.
 """
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ RERUN = "rerun"  # the one key of a seed trial's config: {of_trial, family, seed
 MAX_SEED = 2**63  # lmcore's train.seed is below it
 
 
-def rerun_configs(exp: Experiment) -> list[dict[str, Any]]:
+def rerun_configs(exp: Experiment) -> tuple[list[dict[str, Any]], set[tuple[str, int]]]:
     """One config per seed rerun of each family's best trial, seed by seed (so an interruption leaves each family
-    some finished reruns)."""
-    from lmtune.results import load_results
+    some finished reruns); and the (trial, seed) reruns that have ended already, in any folder."""
+    from lmtune.results import ENDED, load_results
 
     results = load_results(exp.folder)
+    runs = results.seed_runs
+    ended = {(t, s) for t, s, status in zip(runs["of_trial"], runs["seed"], runs["status"]) if status in ENDED}
     best = results.best_per_family()
     trials = {t.trial_id: t for t in results.analysis.trials}
     reruns = []
@@ -36,7 +39,7 @@ def rerun_configs(exp: Experiment) -> list[dict[str, Any]]:
             settings = trial_settings(trials[trial_id].config or {})
             seed = (settings.get("train.seed", exp.base.train.seed) + k) % MAX_SEED
             reruns.append({"of_trial": trial_id, "family": family, "seed": seed, "settings": settings})
-    return reruns
+    return reruns, ended
 
 
 def seed_folder(folder: Path, trial_ids: list[str]) -> Path:
@@ -49,15 +52,16 @@ def run_seeds(exp: Experiment) -> bool:
     process is connected to. True when every rerun has ended; False when interrupted (Ctrl-C)."""
     from ray import tune
 
-    reruns = rerun_configs(exp)
-    if not reruns:
-        return True  # no family has a usable trial: nothing to rerun
-    where = seed_folder(exp.folder, [r["of_trial"] for r in reruns])
+    wanted, ended = rerun_configs(exp)
+    reruns = [r for r in wanted if (r["of_trial"], r["seed"]) not in ended]
+    where = seed_folder(exp.folder, [r["of_trial"] for r in wanted])
     resources = {"cpu": exp.spec.resources.cpus, "gpu": exp.spec.resources.gpus}
     trainable = tune.with_resources(tune.with_parameters(train_rerun, base=exp.base.model_dump()), resources)
     if tune.Tuner.can_restore(str(where)):
         print(f"Resuming the seed reruns in {where}: finished ones are kept, unfinished ones continue.")
         tuner = tune.Tuner.restore(str(where), trainable, resume_unfinished=True, resume_errored=False)
+    elif not reruns:
+        return True  # no family has a usable trial, or every rerun has ended already
     else:
         print(f"Rerunning each family's best trial with {exp.spec.report.seeds} other seeds: {where}")
         tuner = tune.Tuner(
