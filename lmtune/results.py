@@ -242,7 +242,7 @@ def _seed_runs(results: Results, max_epochs: int | None) -> tuple[pd.DataFrame, 
     folders = sorted(p for p in seeds.iterdir() if any(p.glob("experiment_state-*.json"))) if seeds.is_dir() else []
     analyses = [ExperimentAnalysis(str(p)) for p in folders]
     best = set(results.best_per_family()["trial_id"])
-    reported = {r["trial_id"]: r for r in results.summary.get("seed_runs", []) if isinstance(r, dict)}
+    reported = {r.get("trial_id"): r for r in results.summary.get("seed_runs", []) if isinstance(r, dict)}
     rows = []
     for trial in (t for analysis in analyses for t in analysis.trials):
         rerun, last = (trial.config or {}).get(RERUN), trial.last_result or {}
