@@ -65,6 +65,15 @@ def base_config(spec: ExperimentSpec, source: str) -> Config:
     return base
 
 
+def check_storage(spec: ExperimentSpec, source: str) -> None:
+    """`storage` is (or can be made as) a folder this user may write, outside /proc and /sys: checked before
+    anything starts, so that a run never fails making its experiment folder."""
+    problem = files.why_unwritable(spec.storage, folder=True)
+    if problem:
+        raise ExperimentError(f"{source}: storage: {spec.storage} {problem}; choose a folder you can write "
+                              "(e.g. storage: results)")
+
+
 def check_params(params: list[Param], spec: ExperimentSpec, base: Config, source: str) -> list[str]:
     """Each parameter names a setting lmcore knows and the experiment leaves to the search; its values and
     conditions are possible."""

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from lmcore import files
-from lmcore.config import Config
+from lmcore.config import Config, take_overrides
 from lmcore.data import DataError
-from lmcore.exitcodes import ExitCode, quiet_when_output_closes
+from lmcore.exitcodes import ExitCode, quiet_when_output_closes, sigterm_as_ctrl_c
 from lmtune.checks import check_fits
 from lmtune.experiment import Experiment, load_experiment
 from lmtune.schema import ExperimentError
@@ -27,11 +27,17 @@ WIDTH_DRAWS = 16  # random draws of the space over which `check` shows each fami
 
 
 @quiet_when_output_closes
+@sigterm_as_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "run")  # `tune.py EXPERIMENT.yaml` means run it
-    args = _parser().parse_args(argv)
+    argv, overrides = take_overrides(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if overrides and not hasattr(args, "set"):
+        parser.error(f"{args.command} takes no --set")
+    args.set = getattr(args, "set", []) + overrides
     try:
         return args.handler(args)
     except (ExperimentError, DataError) as err:  # nothing was launched
@@ -129,7 +135,12 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def _keep_existing(paths: list[Path], force: bool) -> None:
-    """Refuse, before anything is written, to overwrite a user's file unless --force."""
+    """Refuse, before anything is written, a path no file can be written to (a folder, one in /proc, a folder
+    that cannot be written), and to overwrite a user's file unless --force."""
+    for path in paths:
+        problem = files.why_unwritable(path)
+        if problem:
+            raise ExperimentError(f"--out {path} {problem}; choose another --out")
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
         raise ExperimentError(f"{', '.join(existing)}: exists; pass --force to overwrite, or --out another name")
@@ -206,13 +217,16 @@ def _print_summary(folder: Path, summary: dict) -> None:
 
 
 def _experiment_folder(path: str) -> Path:
+    """An experiment folder, its snapshot readable (ExperimentError naming what is not), before anything is written."""
     from lmtune.layout import ray_folder
+    from lmtune.results import read_snapshot
 
     folder = Path(path)
     if not folder.is_dir():
         raise ExperimentError(f"{path}: no such experiment folder")
     if not any(ray_folder(folder).glob("experiment_state-*.json")):
         raise ExperimentError(f"{path}: not an experiment folder (no Ray experiment state in it yet)")
+    read_snapshot(folder)
     return folder.resolve()
 
 

@@ -4,8 +4,10 @@ The folder (lmtune/folder.py) is checked and locked first; Ray's experiment live
 from __future__ import annotations
 
 import os
+import signal
 import socket
 
+from lmcore.exitcodes import reclaim_sigterm
 from lmtune import ray_guard
 from lmtune.experiment import Experiment
 from lmtune.folder import FolderLock, Plan, check_folder, prepare_folder
@@ -40,7 +42,9 @@ def run_experiment(
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the classic reporter, trimmed to our columns
         started = not ray.is_initialized()  # a caller (notebook, test) may have started Ray already
         if started:
+            sigterm = signal.getsignal(signal.SIGTERM)
             start_ray(address, num_cpus, dashboard, dashboard_host, dashboard_port)
+            reclaim_sigterm(sigterm)  # ray.init makes SIGTERM exit(15); tune.py's handler ends the fit as Ctrl-C does
         try:
             return _fit(exp, plan, started)
         finally:

@@ -13,12 +13,13 @@ from pydantic import ValidationError
 
 from lmcore import files
 from lmcore.config import Config, error_lines, error_message, field_names, flatten, parse_override, set_dotted
-from lmtune.checks import base_config, check_params, check_samples
+from lmtune.checks import base_config, check_params, check_samples, check_storage
 from lmtune.schema import ExperimentError, ExperimentSpec, SpaceFile
 from lmtune.space import Param, SearchSpace, SpaceError, parse_params
 from lmtune.start_points import start_points, under_pins
 
 MAX_EXTENDS = 8  # files in one `extends` chain
+SHOWN_OVERRIDES = 4  # --set items named in messages: every line names its source, 20,000 of them would swamp it
 
 
 @dataclass
@@ -57,17 +58,26 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     raw.setdefault("name", path.stem)
     pinned: dict[str, Any] = {}
     if overrides:
-        source += " (with --set " + " ".join(o if len(o) <= 80 else o[:77] + "..." for o in overrides) + ")"
+        source = with_overrides(source, overrides)
         pinned = _apply_overrides(raw, overrides, path.parent)
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as err:
         raise ExperimentError(error_message(error_lines(err, source))) from None
     spec.storage = str(Path(spec.storage).expanduser().resolve())
+    check_storage(spec, source)
     base = base_config(spec, source)
     space = _search_space(spec, base, source, pinned)
     points = start_points(under_pins(spec.start_from, pinned, space), space, base, source)
     return Experiment(spec=spec, base=base, space=space, source=source, pinned=pinned, start_points=points)
+
+
+def with_overrides(source: str, overrides: list[str]) -> str:
+    """`x.yaml (with --set trials=8 ...)`, the source named in messages: the first overrides, each cut short and
+    with its control characters escaped, then how many more."""
+    shown = [files.printable(o if len(o) <= 80 else o[:77] + "...") for o in overrides[:SHOWN_OVERRIDES]]
+    more = len(overrides) - len(shown)
+    return f"{source} (with --set {' '.join(shown)}" + (f" and {more:,} more" if more else "") + ")"
 
 
 # -- the file and its `extends` chain --------------------------------------------------------------

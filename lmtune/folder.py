@@ -112,14 +112,18 @@ def check_folder(exp: Experiment, restart: bool) -> None:
     if not any(p.name != LOCK_FILE for p in folder.iterdir()):
         return  # empty (or only a lock): a run that stopped at once
     what = "--restart deletes only experiment folders made by tune.py" if restart else "it is not an experiment folder"
-    raise ExperimentError(f"{folder}: exists and holds no {SNAPSHOT_FILE}: {what}; choose another name or "
-                          "storage, or move the folder away")
+    holds = (f"holds an {SNAPSHOT_FILE} that tune.py did not write (or a damaged one)"
+             if ExperimentFolder(folder).snapshot.exists() else f"holds no {SNAPSHOT_FILE}")
+    raise ExperimentError(f"{folder}: exists and {holds}: {what}; choose another name or storage, or move the "
+                          "folder away")
 
 
 def prepare_folder(exp: Experiment, restart: bool) -> Plan:
     """Start, resume or grow the experiment in its folder (locked by the caller). A fresh run never writes over
     a run unless `restart` says so."""
     from ray import tune
+
+    from lmtune.search import repair_study
 
     folder = exp.folder
     if restart and is_experiment_folder(folder):
@@ -135,6 +139,7 @@ def prepare_folder(exp: Experiment, restart: bool) -> Plan:
             "pass --restart to start it afresh"
         )
     saved = check_same_experiment(exp, folder)
+    repair_study(exp)  # a lost or damaged optuna.db, rebuilt from Ray's trials
     if exp.spec.trials > saved:
         _write_snapshot(exp)
         return Plan(resume=True, grow_from=saved)

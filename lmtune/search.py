@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import time
 import warnings
 from pathlib import Path
 
@@ -15,8 +17,11 @@ from lmcore import files
 from lmtune import ray_internals
 from lmtune.experiment import Experiment
 from lmtune.layout import RUNGS_FILE, ExperimentFolder
+from lmtune.space import trial_settings
 
 RAY_TRIAL_ID = "ray_trial_id"  # the user attribute of each Optuna trial naming its Ray trial
+REBUILT = "rebuilt_from_ray"  # the user attribute of a study rebuilt from Ray's trials (its file was lost)
+SQLITE_HEADER = b"SQLite format 3\x00"
 
 
 class StudySearch(OptunaSearch):
@@ -42,11 +47,25 @@ class StudySearch(OptunaSearch):
 
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
-        owned = {t.number for t in ray_internals.optuna_trials(self).values()}
         study = ray_internals.optuna_study(self)
+        if study.user_attrs.get(REBUILT):
+            self._ask_again_for_unfinished(study)
+        owned = {t.number for t in ray_internals.optuna_trials(self).values()}
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial.number not in owned:
                 study.tell(trial.number, state=TrialState.FAIL)
+
+
+    def _ask_again_for_unfinished(self, study: optuna.Study) -> None:
+        """In a study rebuilt from Ray's ended trials (lmtune.search.repair_study), each Ray trial that owns no
+        Optuna trial (it was unfinished) gets a running one with its own settings, to be told its result."""
+        asked = ray_internals.optuna_trials(self)
+        owners = {t.user_attrs.get(RAY_TRIAL_ID) for t in study.get_trials(deepcopy=False)}
+        for trial_id, lost in asked.items():
+            if trial_id not in owners:
+                study.enqueue_trial(lost.params)
+                asked[trial_id] = study.ask(fixed_distributions=lost.distributions)
+                asked[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
 
 
 class StudyTrials(SearchGenerator):
@@ -150,6 +169,65 @@ class StudyScheduler(ASHAScheduler):
             for milestone, recorded in rungs:
                 recorded.update(saved_rungs.get(float(milestone), {}))
         ray_internals.set_asha_stopped(self, stopped)
+
+
+def repair_study(exp: Experiment) -> None:
+    """Before a resume: a study file (optuna.db) that is missing or damaged is rebuilt from the trials Ray recorded
+    (each ended trial with its settings and result), saying so; a damaged file is kept beside it, renamed. Ray's
+    state is the study's record; Optuna's file is what the sampler learns from."""
+    layout = ExperimentFolder(exp.folder)
+    problem = _study_problem(layout.study_db, layout.study_url, exp.name)
+    if problem is None:
+        return
+    kept = ""
+    if layout.study_db.exists():
+        damaged = layout.study_db.with_name(f"{layout.study_db.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        layout.study_db.rename(damaged)
+        kept = f" (kept as {damaged.name})"
+    direction = "minimize" if exp.spec.mode == "min" else "maximize"
+    study = optuna.create_study(storage=layout.study_url, study_name=exp.name, direction=direction)
+    study.set_user_attr(REBUILT, True)
+    rebuilt = _add_ended_trials(study, exp)
+    print(f"{layout.study_db}: {problem}{kept}; rebuilt from the {rebuilt} ended trials Ray recorded: the search "
+          "continues from them")
+
+
+def _study_problem(path: Path, url: str, name: str) -> str | None:
+    """What is wrong with the study file (missing, damaged, without the study), or None."""
+    if not path.is_file():
+        return "missing" if not path.exists() else "not a file"
+    with open(path, "rb") as f:
+        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            return "damaged (not an SQLite database)"
+    try:
+        optuna.load_study(study_name=name, storage=url)
+    except KeyError:
+        return f"holds no study named {name}"
+    except Exception as err:  # sqlalchemy's DatabaseError and the like: a file SQLite cannot read
+        return f"damaged ({type(err).__name__})"
+    return None
+
+
+def _add_ended_trials(study: optuna.Study, exp: Experiment) -> int:
+    """Each ended Ray trial as an Optuna trial: its settings asked again through the space, its last result told."""
+    from lmtune.results import ray_analysis
+
+    ended = 0
+    for trial in ray_analysis(exp.folder).trials:
+        if trial.status not in ("TERMINATED", "ERROR"):
+            continue  # unfinished: it gets a running Optuna trial when the searcher is restored
+        settings = trial_settings(trial.config or {})
+        study.enqueue_trial({p.key: settings[p.name] for p in exp.space.params if p.name in settings})
+        asked = study.ask()
+        exp.space(asked)
+        asked.set_user_attr(RAY_TRIAL_ID, trial.trial_id)
+        value = (trial.last_result or {}).get(exp.spec.metric)
+        if trial.status == "ERROR" or value is None or not math.isfinite(value):
+            study.tell(asked, state=TrialState.FAIL)
+        else:
+            study.tell(asked, value)
+        ended += 1
+    return ended
 
 
 def restore_study(tuner, trials: int, folder: Path) -> None:
