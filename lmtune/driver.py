@@ -12,6 +12,7 @@ from lmtune import ray_guard
 from lmtune.experiment import Experiment
 from lmtune.folder import FolderLock, Plan, check_folder, prepare_folder
 from lmtune.layout import RAY_FOLDER, ExperimentFolder
+from lmtune.repair import repair_experiment_state
 from lmtune.schema import ExperimentError
 from lmtune.search import make_scheduler, make_searcher, restore_study
 
@@ -70,6 +71,9 @@ def _fit(exp: Experiment, plan: Plan, started: bool) -> bool:
             print(f"Growing {exp.name} from {plan.grow_from} to {exp.spec.trials} trials: every trial is kept.")
         else:
             print(f"Resuming {exp.name}: finished trials are kept, unfinished ones continue from their checkpoints.")
+        for trial_id in repair_experiment_state(ExperimentFolder(folder).ray):
+            print(f"  trial {trial_id}: Ray's saved state named checkpoints since deleted; it continues from the "
+                  "newest one left, if any")
         tuner = tune.Tuner.restore(str(ExperimentFolder(folder).ray), trainable, resume_unfinished=True,
                                    resume_errored=False)
         restore_study(tuner, exp.spec.trials, folder)

@@ -6,6 +6,7 @@ keeps what it recorded at its rungs across a restore."""
 import json
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,8 +17,9 @@ import optuna
 import pandas as pd
 from ray.tune.schedulers import TrialScheduler
 
-from lmtune import load_experiment, load_results, run_experiment
-from lmtune.layout import RUNGS_FILE, ray_folder
+from lmcore.checkpoint import read_file
+from lmtune import load_experiment, load_results, ray_internals, run_experiment
+from lmtune.layout import CHECKPOINT_FILE, METRICS_FILE, RUNGS_FILE, ray_folder
 from lmtune.search import make_scheduler
 from tests.conftest import process_output, tune_in_process, wait_for
 
@@ -96,6 +98,41 @@ def test_killed_driver_resumes_with_the_same_command(ray_session, tiny_experimen
     assert states.count(optuna.trial.TrialState.COMPLETE) == 8
     # Trials Optuna handed out after Ray's last snapshot were closed, not left running.
     assert optuna.trial.TrialState.RUNNING not in states
+
+
+def test_a_trial_whose_saved_checkpoint_is_gone_resumes_from_the_newest_left(ray_session, tiny_experiment, capsys):
+    # What a driver killed between Ray deleting a checkpoint and Ray saving its state leaves: a running trial whose
+    # saved latest checkpoint is gone, a newer one that the saved state does not know, and the checkpoint the trial
+    # was writing when it was killed, half written.
+    path = tiny_experiment("lagging", scheduler={"type": "fifo", "max_epochs": 3}, checkpoints={"keep": 2}, trials=1)
+    exp = load_experiment(path)
+    assert run_experiment(exp) is True
+    state_file = max(ray_folder(exp.folder).glob("experiment_state-*.json"))
+    state = json.loads(state_file.read_text())
+    trial = ray_internals.load_trial(state["trial_data"][0])
+    folder = ray_folder(exp.folder) / Path(trial.path).name
+    results = (folder / "result.json").read_text().splitlines()
+    first = json.loads(results[0])
+    trial.status, trial.run_metadata.last_result = "RUNNING", first  # as Ray saved it after epoch 1
+    ray_internals.set_trial_checkpoints(trial, [(f"{trial.path}/checkpoint_000000", first)])
+    state["trial_data"][0] = ray_internals.dump_trial(trial)
+    state_file.write_text(json.dumps(state))
+    shutil.rmtree(folder / "checkpoint_000000", ignore_errors=True)  # Ray deleted it, unless it was among the best
+    model = folder / "checkpoint_000002" / CHECKPOINT_FILE
+    model.write_bytes(model.read_bytes()[:1000])  # the trial was killed as it wrote epoch 3's
+    capsys.readouterr()
+
+    assert run_experiment(exp) is True  # the same command again
+    trials = load_results(exp.folder).trials
+    assert (trials["status"] == "completed").all() and (trials["epochs"] == 3).all()
+    assert f"trial {trial.trial_id}: Ray's saved state named checkpoints" in capsys.readouterr().out
+    # It went on from checkpoint_000001 (epoch 2), not from scratch: one epoch more (Ray's count carried on), saved
+    # whole as checkpoint_000002.
+    added = [json.loads(line) for line in (folder / "result.json").read_text().splitlines()[len(results):]]
+    assert [(r["epoch"], r["training_iteration"], r["checkpoint_dir_name"]) for r in added] == \
+        [(3, 3, "checkpoint_000002")]
+    assert json.loads((folder / "checkpoint_000002" / METRICS_FILE).read_text())["epoch"] == 3
+    read_file(model)
 
 
 def rung_records(folder: Path) -> set[tuple[int, str]]:
