@@ -69,6 +69,10 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     base = base_config(spec, source)
     space = _search_space(spec, base, source, pinned)
     points = start_points(under_pins(spec.start_from, pinned, space), space, base, source)
+    if spec.searcher.around_start is not None:
+        if not points:
+            raise ExperimentError(f"{source}: searcher.around_start: needs a start_from point to search around")
+        space = space.around(points[0], spec.searcher.around_start)
     return Experiment(spec=spec, base=base, space=space, source=source, pinned=pinned, start_points=points)
 
 

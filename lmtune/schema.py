@@ -28,9 +28,13 @@ class _Strict(BaseModel):
 
 
 class SearcherSpec(_Strict):
-    sampler: Literal["tpe", "random"] = Field("tpe", description="tpe: multivariate, grouped (conditional) TPE")
+    sampler: Literal["tpe", "gp", "random"] = Field(
+        "tpe", description="tpe: multivariate, grouped (conditional) TPE; gp: a Gaussian process (Optuna's GPSampler)")
     seed: Int | None = Field(0, ge=0, le=2**32 - 1)
     n_startup_trials: Int = Field(10, ge=0, le=1_000_000, description="random trials before TPE starts modelling")
+    around_start: Real | None = Field(
+        None, gt=0, le=1, description="search only within this fraction of each range's width on either side of "
+        "the first start_from point (log ranges on the log scale); None = the whole space")
 
 
 class SchedulerSpec(_Strict):

@@ -17,6 +17,7 @@ from lmcore import files
 from lmtune import ray_internals
 from lmtune.experiment import Experiment
 from lmtune.layout import RUNGS_FILE, ExperimentFolder
+from lmtune.schema import SearcherSpec
 from lmtune.space import trial_settings
 
 RAY_TRIAL_ID = "ray_trial_id"  # the user attribute of each Optuna trial naming its Ray trial
@@ -96,16 +97,7 @@ def make_searcher(exp: Experiment, folder: Path, max_concurrent: int) -> StudyTr
 
 def make_study(exp: Experiment, folder: Path) -> StudySearch:
     """The searcher itself: Optuna's sampler over the experiment's space, its study in SQLite in `folder`."""
-    s = exp.spec.searcher
-    if s.sampler == "tpe":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # `group` is "experimental"
-            # multivariate + group: the parameters that exist together (one family's) are modelled jointly.
-            sampler = optuna.samplers.TPESampler(
-                seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True, group=True, constant_liar=True
-            )
-    else:
-        sampler = optuna.samplers.RandomSampler(seed=s.seed)
+    sampler = make_sampler(exp.spec.searcher)
     storage = optuna.storages.RDBStorage(ExperimentFolder(folder).study_url)
     # OptunaSearch has no pruner: ASHA does the early stopping. metric/mode go here as well as to Tune.
     return StudySearch(
@@ -117,6 +109,22 @@ def make_study(exp: Experiment, folder: Path) -> StudySearch:
         storage=storage,
         points_to_evaluate=exp.start_points or None,  # start_from: enqueued as the study's first trials
     )
+
+
+def make_sampler(s: SearcherSpec) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler for the experiment's `searcher:` settings (benchmarks/searcher_benchmark.py compares them)."""
+    if s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # `group` is "experimental"
+        if s.sampler == "gp":
+            # A Gaussian process over the settings every trial has (others are drawn at random); noisy objective.
+            return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+        # multivariate + group: the parameters that exist together (one family's) are modelled jointly;
+        # constant_liar: trials running in parallel count as bad until they finish, so they differ.
+        return optuna.samplers.TPESampler(
+            seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=True, group=True, constant_liar=True
+        )
 
 
 def make_scheduler(exp: Experiment) -> TrialScheduler:

@@ -20,7 +20,8 @@ conditional group jointly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -174,6 +175,22 @@ class Param:
             return trial.suggest_categorical(self.key, s.choices)
         return s.value
 
+    def around(self, value: Any, fraction: float) -> Param:
+        """This range narrowed to `fraction` of its width on either side of `value` (on the log scale for a log
+        range), within the range; other kinds of parameter, and a range without the value (another alternative's),
+        as they are."""
+        s = self.spec
+        if not isinstance(s, (FloatSpec, IntSpec)) or s.why_outside(value) is not None:
+            return self
+        scale, unscale = (math.log, math.exp) if s.log else (float, float)
+        reach = fraction * (scale(s.high) - scale(s.low))
+        low, high = max(s.low, unscale(scale(value) - reach)), min(s.high, unscale(scale(value) + reach))
+        if isinstance(s, IntSpec):
+            low, high = max(s.low, math.floor(low)), min(s.high, math.ceil(high))
+            if low == high:  # keep a neighbour on each side that the range has
+                low, high = max(s.low, low - s.step), min(s.high, high + s.step)
+        return replace(self, spec=s.model_copy(update={"low": low, "high": high}))
+
     def describe(self) -> str:
         s = self.spec
         if isinstance(s, (FloatSpec, IntSpec)):
@@ -201,6 +218,12 @@ class SearchSpace:
             if param.active({**self.context, **chosen}):
                 chosen[param.name] = param.suggest(trial)
         return {**self.constants, **chosen}
+
+    def around(self, point: dict[str, Any], fraction: float) -> SearchSpace:
+        """The space narrowed around `point` (searcher.around_start): each range it has a value for, to `fraction`
+        of the range's width on either side."""
+        params = [p.around(point[p.name], fraction) if p.name in point else p for p in self.params]
+        return replace(self, params=params)
 
     def names(self) -> list[str]:
         """The settings this space varies, in file order, each once."""

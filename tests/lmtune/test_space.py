@@ -140,3 +140,28 @@ def test_which_values_a_parameter_may_take():
     assert ints.why_outside(2.0) == "2.0 is not an int" and ints.why_outside(True) == "True is not an int"
     assert floats.why_outside("x") == "'x' is not a number" and ints.why_outside(9) == "9 is outside [1, 3]"
     assert choices.why_outside("gru") == "'gru' is not one of ['lstm', None]"
+
+
+def test_around_narrows_each_range_about_a_point():
+    space = SearchSpace(parse_params(COMPARE, "compare.yaml"))
+    point = {"model.family": "lstm", "model.rounds": 6, "optim.lr": 1e-3, "model.dropout.state": 0.0,
+             "model.layers": 2}
+    narrow = {p.key: p.spec for p in space.around(point, 0.25).params}
+    assert (narrow["optim.lr"].low, narrow["optim.lr"].high) == pytest.approx((1e-3 / 10**0.5, 1e-3 * 10**0.5))
+    assert narrow["optim.lr"].log
+    assert (narrow["model.rounds"].low, narrow["model.rounds"].high) == (4, 6)  # 6 - 1.25, clipped at the top
+    assert (narrow["model.dropout.state"].low, narrow["model.dropout.state"].high) == (0.0, 0.125)
+    assert narrow["model.family"].choices == ["mogrifier", "lstm", "transformer"]  # choices stay
+    # the alternative of model.layers that holds 2 narrows; the transformer's [4, 6], which does not, stays
+    assert [(s.low, s.high) for k, s in narrow.items() if k.startswith("model.layers")] == [(1, 3), (4, 6)]
+    for config in sample(space.around(point, 0.25), 30):
+        assert 1e-3 / 10**0.5 <= config["optim.lr"] <= 1e-3 * 10**0.5
+
+
+def test_around_start_needs_a_start_point(tiny_experiment):
+    from lmtune.experiment import load_experiment
+    from lmtune.schema import ExperimentError
+
+    path = tiny_experiment("narrow", searcher={"around_start": 0.2})
+    with pytest.raises(ExperimentError, match="searcher.around_start: needs a start_from point"):
+        load_experiment(path)
