@@ -71,9 +71,7 @@ def _fit(exp: Experiment, plan: Plan, started: bool) -> bool:
             print(f"Growing {exp.name} from {plan.grow_from} to {exp.spec.trials} trials: every trial is kept.")
         else:
             print(f"Resuming {exp.name}: finished trials are kept, unfinished ones continue from their checkpoints.")
-        for trial_id in repair_experiment_state(ExperimentFolder(folder).ray):
-            print(f"  trial {trial_id}: Ray's saved state named checkpoints since deleted; it continues from the "
-                  "newest one left, if any")
+        repair_experiment_state(ExperimentFolder(folder).ray)
         tuner = tune.Tuner.restore(str(ExperimentFolder(folder).ray), trainable, resume_unfinished=True,
                                    resume_errored=False)
         restore_study(tuner, exp.spec.trials, folder)

@@ -21,8 +21,8 @@ CHECKPOINT_FOLDERS = "checkpoint_*"  # Ray's names for a trial's checkpoints, nu
 
 
 def repair_experiment_state(ray_folder: Path) -> list[str]:
-    """Rewrite the newest experiment state in `ray_folder` where it names checkpoints that are gone; the ids of the
-    trials repaired."""
+    """Rewrite the newest experiment state in `ray_folder` where it names checkpoints that are gone (a line printed
+    per trial); the ids of the trials repaired."""
     states = sorted(ray_folder.glob(STATE_FILES))
     if not states:
         return []
@@ -33,6 +33,8 @@ def repair_experiment_state(ray_folder: Path) -> list[str]:
         if repair_trial(trial, ray_folder):
             state["trial_data"][i] = ray_internals.dump_trial(trial)
             repaired.append(trial.trial_id)
+            print(f"  trial {trial.trial_id}: Ray's saved state named checkpoints since deleted; it continues from "
+                  "the newest one left, if any")
     if repaired:
         files.write_text(states[-1], json.dumps(state))
     return repaired

@@ -17,6 +17,7 @@ from typing import Any
 
 from lmtune.experiment import Experiment
 from lmtune.layout import ExperimentFolder
+from lmtune.repair import repair_experiment_state
 from lmtune.space import trial_settings
 
 RERUN = "rerun"  # the one key of a seed trial's config: {of_trial, family, seed, settings}
@@ -59,6 +60,7 @@ def run_seeds(exp: Experiment) -> bool:
     trainable = tune.with_resources(tune.with_parameters(train_rerun, base=exp.base.model_dump()), resources)
     if tune.Tuner.can_restore(str(where)):
         print(f"Resuming the seed reruns in {where}: finished ones are kept, unfinished ones continue.")
+        repair_experiment_state(where)
         tuner = tune.Tuner.restore(str(where), trainable, resume_unfinished=True, resume_errored=False)
     elif not reruns:
         return True  # no family has a usable trial, or every rerun has ended already
