@@ -67,6 +67,10 @@ SMALL_LOOP_TINY = ("for f in mogrifier; do python -m lmcore train --run-name sma
 PAPER_TRAIN = "python -m lmcore train --run-name ptb_paper --config configs/ptb_mogrifier_paper.yaml"
 STUDY_LOOP = ("for family in mogrify lstm transformer; do python tune.py experiments/ptb_2m65_$family.yaml "
               "--no-dashboard; done")
+LOCAL_LOOP = ("for family in mogrify lstm transformer; do python tune.py experiments/ptb_2m65_${family}_local.yaml "
+              "--no-dashboard; done")
+SEARCHER_BENCH = ("python benchmarks/searcher_benchmark.py experiments/ptb_2m65_mogrify.yaml --trials 8 16 "
+                  "--repeats 30")
 SEED_LOOP = ("for family in mogrify lstm transformer; do python tune.py export-best results/ptb_2m65_$family --out "
              "ptb_${family}_best.yaml --force; for seed in 1 2 3; do python -m lmcore train --run-name "
              "ptb_${family}_seed$seed --config ptb_${family}_best.yaml --set train.seed=$seed --set train.threads=1; "
@@ -236,6 +240,11 @@ HOW: dict[str, Run | Skip] = {
              "python -m lmcore train --run-name ptb_transformer_best --config {tmp}/ptb_transformer_best.yaml "
              "--runs-dir {tmp}/runs")),
     STUDY_LOOP: check(STUDY_LOOP.replace(" --no-dashboard", "")),  # check takes no Ray options
+    LOCAL_LOOP: check(LOCAL_LOOP.replace(" --no-dashboard", "")),
+    "python tune.py compare results/ptb_2m65_mogrify_local results/ptb_2m65_lstm_local "
+    "results/ptb_2m65_transformer_local --out docs/results/ptb_2m65_local --force":
+        Skip("needs the three second-round studies (hours); compare itself is tested on tiny studies"),
+    SEARCHER_BENCH: plus(SEARCHER_BENCH, "--trials 3 --repeats 2 --options tpe1 tpe1-near0.15"),
     "python tune.py compare results/ptb_2m65_mogrify results/ptb_2m65_lstm results/ptb_2m65_transformer --out "
     "docs/results/ptb_2m65 --force": Run(("python tune.py compare {tiny} {tiny} {tiny} --out {tmp}/ptb_2m65",
                                           "python tune.py compare {tiny} {tiny} {tiny} --out {tmp}/ptb_2m65 --force")),
