@@ -177,6 +177,8 @@ class TrainConfig(_Section):
     seed: Int = Field(1111, ge=0, lt=2**63, description="seeds Python, torch and the BPTT lengths")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     amp: bool = Field(False, description="bf16 autocast (GPU only)")
+    tf32: bool = Field(False, description="on a GPU, float32 matmuls and cuDNN in TF32: faster, about 1e-3 relative "
+                       "error (no effect under amp)")
     threads: Int | None = Field(None, gt=0, description="torch CPU threads; None = torch's default")
     log_interval: Int = Field(200, gt=0, description="steps between progress lines")
     progress: bool = Field(True, description="print progress lines")

@@ -148,3 +148,29 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     # reused: at most a few of the ten blocks fault again (CI saw one, then two on a loaded machine: the heap may
     # move); without reuse_freed_memory all ten do
     assert faults["reuse"] <= 4 * block, faults
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_adam_is_fused_on_cuda_and_steps_as_the_per_tensor_one():
+    from lmcore.train import make_optimizer
+
+    config = make_config({"model": {"family": "lstm", "hidden": 16, "layers": 1}, "optim": {"name": "adam"}})
+    steps = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = lmcore.build_model(config, 50).cuda()
+        optimizer = make_optimizer(config, model)
+        assert optimizer.defaults["fused"] is True
+        if not fused:
+            optimizer = torch.optim.Adam(model.parameters(), lr=config.optim.lr, betas=(config.optim.beta1,
+                                         config.optim.beta2), weight_decay=config.optim.weight_decay)
+        tokens = torch.randint(50, (9, 4), device="cuda")
+        for _ in range(3):
+            logits, _ = model(tokens[:-1])
+            loss = torch.nn.functional.cross_entropy(logits.view(-1, 50), tokens[1:].reshape(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        steps.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*steps):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
