@@ -1,9 +1,11 @@
 """`report: {seeds: N}`: each family's best config rerun with N other seeds as trials on Ray, the tables' mean ± sd
 over them, Welch's interval of each difference in `tune.py compare`, the figure's points, and an interrupted seed
 phase resumed without losing or repeating a rerun."""
-import json
+import contextlib
+import io
 import math
 import os
+import shutil
 import signal
 import statistics
 import threading
@@ -16,9 +18,12 @@ from lmcore.checkpoint import load_checkpoint
 from lmtune import load_results, plots
 from lmtune.cli import main
 from lmtune.confidence import mean_interval, seed_pairs, t_quantile, welch
+from lmtune.experiment import load_experiment
 from lmtune.layout import CHECKPOINT_FILE
+from lmtune.report import report
 from lmtune.results import experiment_labels
-from tests.conftest import process_output, scaled, tune_in_process, write_tiny_experiment
+from lmtune.seeds import run_seeds
+from tests.conftest import scaled, write_tiny_experiment
 
 # -- the statistics ---------------------------------------------------------------------------------------------
 
@@ -105,6 +110,9 @@ def test_each_family_best_is_rerun_with_other_seeds_on_the_search_resources(seed
         _, _, config = load_checkpoint(seeded.seed_checkpoint(trial.trial_id) / CHECKPOINT_FILE)
         assert config.train.seed == seed and config.optim.lr == seeded.config(trial.config["rerun"]["of_trial"]).optim.lr
         assert trial.placement_group_factory.required_resources == {"CPU": 1.0}  # resources: {cpus: 1}
+    spans = sorted((t.last_result["started_at"], t.last_result["reported_at"])
+                   for analysis in seeded.seed_analyses for t in analysis.trials)
+    assert any(later[0] < earlier[1] for earlier, later in zip(spans, spans[1:]))  # two at once on the 2 CPUs
     pd.testing.assert_frame_equal(seeded.seed_runs.reset_index(drop=True), runs, check_dtype=False)
 
 
@@ -162,63 +170,62 @@ def test_the_comparison_figure_shows_each_seed_and_the_mean_interval(seeded):
 # -- an interrupted seed phase ----------------------------------------------------------------------------------
 
 
-def _interrupt_when_a_rerun_ends(folder, epochs, done: threading.Event, fired: list) -> None:
-    """Ctrl-C (SIGINT to this process, which Ray Tune catches) as soon as a seed rerun has saved its last epoch."""
+def _interrupt_when_a_rerun_ends(folder, slots: int, done: threading.Event, fired: list) -> None:
+    """Ctrl-C (SIGINT to this process, which Ray Tune catches) as soon as a seed rerun has ended: when a rerun beyond
+    the first `slots` (the trials the CPUs hold at once) has begun, Tune has freed a slot by ending one. (The last
+    epoch's checkpoint comes too early: Tune may not have seen the trial end yet.)"""
     deadline = time.monotonic() + scaled(300)
     while not done.is_set() and time.monotonic() < deadline:
-        for metrics in folder.glob("seeds/*/trial_*/checkpoint_*/metrics.json"):
-            try:
-                ended = json.loads(metrics.read_text()).get("epoch") == epochs
-            except (OSError, ValueError):  # being written
-                continue
-            if ended and not done.is_set():
-                fired.append(time.monotonic())
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-        time.sleep(0.05)
+        if len(list(folder.glob("seeds/*/trial_*/params.json"))) > slots and not done.is_set():
+            fired.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+            return
+        time.sleep(0.02)
 
 
 def _seed_trials(folder) -> dict[str, tuple[str, str]]:
     from ray.tune import ExperimentAnalysis
 
     (where,) = (folder / "seeds").iterdir()
-    return {t.trial_id: (t.status, (where / f"trial_{t.trial_id}" / "result.json").read_text())
-            for t in ExperimentAnalysis(str(where)).trials}
+    results = {t.trial_id: where / f"trial_{t.trial_id}" / "result.json" for t in ExperimentAnalysis(str(where)).trials}
+    statuses = {t.trial_id: t.status for t in ExperimentAnalysis(str(where)).trials}
+    return {t: (statuses[t], path.read_text() if path.exists() else "") for t, path in results.items()}  # "": not begun
 
 
 @pytest.fixture(scope="module")
-def interrupted(ray_session, tmp_path_factory, markov_corpus_dir):
-    """One LSTM trial, its config rerun with 3 seeds; Ctrl-C once the first rerun ended, then the same command."""
-    tmp = tmp_path_factory.mktemp("seeds")
-    path = write_tiny_experiment(
-        tmp / "seeded.yaml", markov_corpus_dir, tmp / "results", family="lstm", trials=1,
-        search_space={"params": {"optim.lr": {"type": "float", "low": 3e-3, "high": 1e-2, "log": True}}},
-        scheduler={"type": "fifo", "max_epochs": 2}, report={"seeds": 3})
-    folder = tmp / "results" / "seeded"
+def interrupted(reported_experiment, tmp_path_factory):
+    """The shared study's seed phase once more, in a copy of its folder without its reruns: Ctrl-C once the first
+    rerun has ended, then run_seeds again (what the same `tune.py` command does after restoring the ended search)."""
+    copy = shutil.copytree(reported_experiment, tmp_path_factory.mktemp("interrupted") / "tiny")
+    shutil.rmtree(copy / "seeds")
+    exp = load_experiment(reported_experiment.parent.parent / "tiny.yaml", [f"storage={copy.parent}"])
     done, fired = threading.Event(), []
-    watcher = threading.Thread(target=_interrupt_when_a_rerun_ends, args=(folder, 2, done, fired), daemon=True)
+    watcher = threading.Thread(target=_interrupt_when_a_rerun_ends, args=(copy, 2, done, fired), daemon=True)
     watcher.start()
-    code, out, err = tune_in_process(str(path), "--no-dashboard")
-    done.set()
-    watcher.join()
-    assert fired and code == 130, process_output(out, err)
-    before = _seed_trials(folder)
-    code, out, err = tune_in_process(str(path), "--no-dashboard")
-    assert code == 0, process_output(out, err)
-    return folder, before, _seed_trials(folder), out
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ended = run_seeds(exp)
+        done.set()
+        watcher.join()
+        assert fired and not ended, out.getvalue()[-3000:]
+        before = _seed_trials(copy)
+        ended = run_seeds(exp)
+        assert ended, out.getvalue()[-3000:]
+        report(copy)
+    return copy, before, _seed_trials(copy), out.getvalue()
 
 
-def test_an_interrupted_seed_phase_resumes_losing_nothing(interrupted):
+def test_an_interrupted_seed_phase_resumes_losing_nothing(interrupted, reported_experiment):
     folder, before, after, out = interrupted
     finished = {t for t, (status, _) in before.items() if status == "TERMINATED"}
-    assert finished and len(finished) < 3, before  # interrupted in the middle of the seed reruns
+    assert len(before) == 4 and finished and len(finished) < 4, before  # interrupted in the middle of the reruns
     assert "Resuming the seed reruns" in out
     assert set(after) == set(before) and all(status == "TERMINATED" for status, _ in after.values())  # none added
     for trial_id in finished:  # kept as they were: not run again
         assert after[trial_id][1] == before[trial_id][1]
     runs = load_results(folder).seed_runs
-    assert len(runs) == 3 and runs["seed"].nunique() == 3 and (runs["epochs"] == 2).all()
-    assert runs["test_ppl"].map(math.isfinite).all()
+    original = load_results(reported_experiment).seed_runs
+    assert len(runs) == 4 and (runs["epochs"] == 3).all() and runs["test_ppl"].map(math.isfinite).all()
+    assert runs[["of_trial", "seed"]].values.tolist() == original[["of_trial", "seed"]].values.tolist()
     families = pd.read_csv(folder / "best_per_family.csv")
-    assert families["seeds"].tolist() == [3]
-    assert families["test_ppl_mean"].iloc[0] == pytest.approx(statistics.mean(runs["test_ppl"]))
+    assert (families["seeds"] == 2).all()
