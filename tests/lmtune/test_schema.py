@@ -88,7 +88,7 @@ def test_a_valid_experiment_resolves(tmp_path):
     ({"scheduler": {"max_epochs": 3, "reduction_factor": 1}},
      "exp.yaml: scheduler.reduction_factor: Input should be greater than 1"),
     ({"scheduler": {"type": "pbt", "max_epochs": 3}}, "exp.yaml: scheduler.type: Input should be 'asha' or 'fifo'"),
-    ({"searcher": {"sampler": "cmaes"}}, "exp.yaml: searcher.sampler: Input should be 'tpe' or 'random'"),
+    ({"searcher": {"sampler": "cmaes"}}, "exp.yaml: searcher.sampler: Input should be 'tpe', 'gp' or 'random'"),
     ({"resources": {"cpus": 0}}, "exp.yaml: resources.cpus: Input should be greater than or equal to 0.01"),
     ({"resources": {"gpus": 1.5}}, "exp.yaml: resources: gpus above 1 must be a whole number"),
     ({"storage": "s3://bucket/x"}, "exp.yaml: storage: storage must be a filesystem path"),
