@@ -33,6 +33,7 @@ STUDY_FILE = "optuna.db"
 LOCK_FILE = ".lock"
 RAY_FOLDER = "ray"
 SEEDS_FOLDER = "seeds"
+RERUN = "rerun"  # the one key of a seed rerun's trial config: {of_trial, family, seed, settings}
 RUNGS_FILE = "asha_rungs.json"
 CHECKPOINT_FILE = "model.pt"  # the one file lmcore's save_checkpoint writes, inside each Tune checkpoint
 METRICS_FILE = "metrics.json"  # the epoch's metrics, beside it

@@ -25,9 +25,8 @@ from lmcore.config import Config, make_config, set_dotted
 from lmcore.models.families import applies_to, width_setting
 from lmcore.train import EpochMetrics
 from lmtune.confidence import SEED_COLUMNS
-from lmtune.layout import CHECKPOINT_FILE, SUMMARY_FILE, ExperimentFolder
+from lmtune.layout import CHECKPOINT_FILE, RERUN, SUMMARY_FILE, ExperimentFolder
 from lmtune.schema import ExperimentError, ExperimentSpec
-from lmtune.seeds import RERUN
 from lmtune.space import trial_settings
 
 HISTORY_COLUMNS = [*(k for k in EpochMetrics.__annotations__ if k != "params"), "time_total_s", "timestamp"]

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.experiment import Experiment
-from lmtune.layout import ExperimentFolder
+from lmtune.layout import RERUN, ExperimentFolder
 from lmtune.repair import repair_experiment_state
 from lmtune.space import trial_settings
 
-RERUN = "rerun"  # the one key of a seed trial's config: {of_trial, family, seed, settings}
 MAX_SEED = 2**63  # lmcore's train.seed is below it
 
 
