@@ -386,36 +386,70 @@ def pack_worker(rank: int, count: int, seconds: float, folder: Path, dry: bool) 
     print(json.dumps({"tokens_per_s": steps * B * T / (time.perf_counter() - start)}), flush=True)
 
 
+def pack_speeds(count: int, seconds: float, dry: bool, env: dict[str, str]) -> list[float]:
+    """tokens/s of each of `count` pack workers run at once (fewer where a worker failed)."""
+    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_pack_{os.getpid()}_{count}"
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, __file__, "pack-worker", "--count", str(count), "--seconds", str(seconds),
+               "--folder", str(folder)] + ["--dry-run"] * dry
+    procs = [subprocess.Popen(command + ["--rank", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **env}) for i in range(count)]
+    speeds = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        lines = [line for line in stdout.splitlines() if line.startswith("{")]
+        if proc.returncode or not lines:
+            print(stderr[-2000:], flush=True)
+        else:
+            speeds.append(json.loads(lines[-1])["tokens_per_s"])
+    shutil.rmtree(folder, ignore_errors=True)
+    return speeds
+
+
+@contextlib.contextmanager
+def mps_daemon():
+    """NVIDIA's multi-process service while inside (processes' kernels may then run side by side); yields the
+    environment its clients need, or None where it cannot be started."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_mps_{os.getpid()}"
+    env = {"CUDA_MPS_PIPE_DIRECTORY": str(folder / "pipe"), "CUDA_MPS_LOG_DIRECTORY": str(folder / "log")}
+    for path in env.values():
+        Path(path).mkdir(parents=True, exist_ok=True)
+    started = control is not None and subprocess.run([control, "-d"], env={**os.environ, **env}).returncode == 0
+    try:
+        yield env if started else None
+    finally:
+        if started:
+            subprocess.run([control], input="quit\n", text=True, env={**os.environ, **env})
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def stage_pack(dry: bool, out: Path) -> None:
-    seconds = 0.5 if dry else 6.0
+    seconds = 0.5 if dry else 5.0
     report(f"N processes each training the 24M PTB config (bf16, fused Adam, random tokens) on the one GPU, "
-           f"{seconds:g} s measured after all are warm: total and per-process tokens/s")
+           f"{seconds:g} s measured after all are warm: total and per-process tokens/s; then with NVIDIA's MPS")
     report("")
-    report("| N | total tokens/s | per process | × N=1 |")
-    report("|---:|---:|---:|---:|")
+    report("| N | MPS | total tokens/s | per process | × N=1 |")
+    report("|---:|---|---:|---:|---:|")
     single = None
     for count in ([1, 2] if dry else [1, 2, 4, 8]):
-        folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_pack_{os.getpid()}_{count}"
-        folder.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, __file__, "pack-worker", "--count", str(count), "--seconds", str(seconds),
-                   "--folder", str(folder)] + ["--dry-run"] * dry
-        procs = [subprocess.Popen(command + ["--rank", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True) for i in range(count)]
-        speeds = []
-        for proc in procs:
-            stdout, stderr = proc.communicate()
-            lines = [line for line in stdout.splitlines() if line.startswith("{")]
-            if proc.returncode or not lines:
-                print(stderr[-2000:], flush=True)
-            else:
-                speeds.append(json.loads(lines[-1])["tokens_per_s"])
-        shutil.rmtree(folder, ignore_errors=True)
+        speeds = pack_speeds(count, seconds, dry, {})
         if len(speeds) < count:
-            report(f"| {count} | {count - len(speeds)} of {count} processes failed | | |")
+            report(f"| {count} | no | {count - len(speeds)} of {count} processes failed | | |")
             continue
-        total = sum(speeds)
-        single = single or total
-        report(f"| {count} | {total:,.0f} | {total / count:,.0f} | {total / single:.2f} |")
+        single = single or sum(speeds)
+        report(f"| {count} | no | {sum(speeds):,.0f} | {sum(speeds) / count:,.0f} | {sum(speeds) / single:.2f} |")
+    if dry or single is None:
+        return
+    with mps_daemon() as env:
+        if env is None:
+            report("(MPS: nvidia-cuda-mps-control is missing or did not start)")
+            return
+        for count in [4, 8]:
+            speeds = pack_speeds(count, seconds, dry, env)
+            failed = f" ({count - len(speeds)} failed)" if len(speeds) < count else ""
+            report(f"| {count} | yes | {sum(speeds):,.0f} | {sum(speeds) / max(len(speeds), 1):,.0f} | "
+                   f"{sum(speeds) / single:.2f} |{failed}")
 
 
 # -- command line --------------------------------------------------------------------------------------------
