@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         ext = mogrifier_cpu.extension()  # compiled here on first use (cached in torch's extensions dir)
         global CPP_LOOPS
         CPP_LOOPS = ext is not None
-        print(f"# ours: C++ per-step loops {'loaded' if ext else 'UNAVAILABLE (Python loops)'} "
-              f"in {time.perf_counter() - t0:.1f} s")
+        loaded = f"loaded (products: {ext.products()})" if ext else "UNAVAILABLE (Python loops)"
+        print(f"# ours: C++ per-step loops {loaded} in {time.perf_counter() - t0:.1f} s")
     command = " ".join(argv if argv is not None else sys.argv[1:])
     print(f"# command: python benchmarks/mogrifier_speed.py {command}".rstrip())
     print(f"# load average at start: {load()}")

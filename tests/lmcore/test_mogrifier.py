@@ -376,6 +376,36 @@ def test_cpp_loops_vectorised_and_batch_chunked_equal_the_reference(monkeypatch,
 
 
 @needs_cpp
+@pytest.mark.parametrize("products", ["mkl", "avx512"])
+def test_cpp_products_on_mkl_and_on_the_avx512_kernel_equal_the_reference(products):
+    """The per-step products run on MKL's packed GEMM on Intel CPUs and on a plain AVX-512 kernel on other CPUs
+    with AVX-512 (cpu.cpp); each is checked wherever the CPU allows it. 20 and 84 features = partial 32-column
+    panels; on 2 threads 19 rows = chunks of 9 and 10 rows (kernel calls of 8 rows and a tail), 5 rows = one chunk
+    whose products the threads share."""
+    default, threads = CPP.products(), torch.get_num_threads()
+    try:
+        CPP.set_products(products)
+    except RuntimeError:
+        pytest.skip(f"{products}: not on this CPU")
+    torch.set_num_threads(2)
+    try:
+        assert CPP.products() == products
+        for m, n, rounds, rank, b in [(12, 20, 5, None, 19), (40, 84, 4, 7, 5)]:
+            layer = make_layer(rounds, rank, torch.float32, m=m, n=n)
+            with torch.no_grad():
+                for p in layer.parameters():
+                    p.mul_(0.6)  # (smaller weights: float32 errors are not amplified over the steps)
+            x, state, state_mask = make_inputs(torch.float32, t=6, b=b, m=m, n=n, mask=True)
+            fast = grads(layer, layer.forward, x, state, state_mask)
+            ref = grads(layer, layer.forward_reference, x, state, state_mask)
+            for a, r in zip(fast, ref):  # (gradients up to ~60 here: the tolerance scales with each tensor)
+                torch.testing.assert_close(a, r, rtol=1e-4, atol=2e-5 * r.abs().max().item())
+    finally:
+        CPP.set_products(default)
+        torch.set_num_threads(threads)
+
+
+@needs_cpp
 def test_cpp_tanh_is_accurate_to_float_precision_and_keeps_nan():
     z = torch.cat([torch.linspace(-20, 20, 400_003), torch.tensor([0.0, -0.0, 1e-30, -3e-4, 5e-4, 1e30, -1e30])])
     z = torch.cat([z, torch.tensor([float("inf"), float("-inf"), float("nan")])])

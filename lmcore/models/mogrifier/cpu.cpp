@@ -11,7 +11,9 @@
 // * The weights are packed once per call into MKL's internal GEMM format (cblas_sgemm_pack, with the
 //   transpose and the round's 1/2 folded in) and every per-step product is cblas_sgemm_compute against
 //   them. An ordinary sgemm re-packs its weights at every call: for the [32, 512] x [512, 1024] gate
-//   product that made it ~1.5x slower in a micro-benchmark while developing.
+//   product that made it ~1.5x slower in a micro-benchmark while developing. On CPUs other than Intel's, where
+//   MKL takes a generic path, and that have AVX-512, the weights are packed into panels for a plain AVX-512
+//   kernel instead (see panel_kernel).
 // * The elementwise work of a step is fused into a few passes (bias + activation + update), with a fast
 //   vectorised tanh (see tanh8); sigmoid(z) = (1 + tanh(z/2)) / 2.
 // * The batch rows are independent recurrences: with several threads each thread runs the whole time loop
@@ -26,6 +28,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 #include <vector>
 
 // MKL's packed GEMM, exported by libtorch_cpu (x86-64 builds link MKL statically; LP64, so MKL_INT is int).
@@ -59,24 +62,96 @@ struct Rows {
   float* at(int64_t t, int64_t b) const { return p + t * step + b * row; }
 };
 
-// op(B) of the products A[m, k] @ op(B) -> C[m, n], packed once: B is [n, k] (trans) or [k, n] rows.
+// ---- the per-step products: C[m rows, n] = A[m rows, k] @ op(B) (+ C), op(B) packed once per call ----------
+//
+// MKL runs its fastest GEMM kernels only on Intel CPUs: it checks the CPU's vendor and elsewhere takes a
+// generic path. On an AMD EPYC (Zen 4, AVX-512) its packed GEMM reached ~85 GFLOP/s on one core for these
+// [16-32, 256-1024] x [256-1024, 256-1024] products, the plain AVX-512 kernel below ~115 (about the core's
+// peak). So the products use that kernel on other CPUs with AVX-512, and MKL's packed GEMM on Intel's (and on
+// CPUs without AVX-512), as before.
+
+bool mkl_by_default() {
+  __builtin_cpu_init();  // (this runs while the library loads, before GCC's own CPU detection may have)
+  return __builtin_cpu_is("intel") || !__builtin_cpu_supports("avx512f");
+}
+bool products_use_mkl = mkl_by_default();  // the tests may switch it (set_products)
+
+// Columns per panel of the packed op(B), and rows of A per kernel call (16 accumulator registers).
+constexpr int64_t kPanel = 32, kKernelRows = 8;
+
+// c[R rows, 32] = a[R rows, k] @ panel[k, 32] (+ c where accumulate); only the columns set in `columns` (a mask
+// of 32 bits) are stored, so that the last panel may be partly padding.
+template <int R>
+__attribute__((target("avx512f"))) void panel_kernel(int64_t k, const float* a, int64_t lda, const float* panel,
+                                                     bool accumulate, float* c, int64_t ldc, uint32_t columns) {
+  __m512 lo[R], hi[R];
+  for (int i = 0; i < R; ++i) lo[i] = _mm512_setzero_ps(), hi[i] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < k; ++j, panel += kPanel) {
+    const __m512 b_lo = _mm512_load_ps(panel), b_hi = _mm512_load_ps(panel + 16);
+    for (int i = 0; i < R; ++i) {
+      const __m512 a_ij = _mm512_set1_ps(a[i * lda + j]);
+      lo[i] = _mm512_fmadd_ps(a_ij, b_lo, lo[i]);
+      hi[i] = _mm512_fmadd_ps(a_ij, b_hi, hi[i]);
+    }
+  }
+  const __mmask16 lo_columns = columns & 0xffff, hi_columns = columns >> 16;
+  for (int i = 0; i < R; ++i) {
+    float* row = c + i * ldc;
+    if (accumulate) {
+      lo[i] = _mm512_add_ps(lo[i], _mm512_maskz_loadu_ps(lo_columns, row));
+      hi[i] = _mm512_add_ps(hi[i], _mm512_maskz_loadu_ps(hi_columns, row + 16));
+    }
+    _mm512_mask_storeu_ps(row, lo_columns, lo[i]);
+    _mm512_mask_storeu_ps(row + 16, hi_columns, hi[i]);
+  }
+}
+
+using PanelKernel = void (*)(int64_t, const float*, int64_t, const float*, bool, float*, int64_t, uint32_t);
+constexpr PanelKernel kPanelKernels[kKernelRows] = {panel_kernel<1>, panel_kernel<2>, panel_kernel<3>,
+                                                    panel_kernel<4>, panel_kernel<5>, panel_kernel<6>,
+                                                    panel_kernel<7>, panel_kernel<8>};
+
+// op(B) of the products, packed once: B is [n, k] (trans) or [k, n] rows, scaled by alpha.
 struct Packed {
-  at::Tensor storage;
+  at::Tensor storage;  // MKL's packed format, or panels [ceil(n / 32), k, 32] of op(B), zero beyond column n
   int n = 0, k = 0;
+  bool mkl = true;
   Packed() = default;
-  Packed(const at::Tensor& b, bool trans, int m, float alpha) {
+  Packed(const at::Tensor& b, bool trans, int m, float alpha) : mkl(products_use_mkl) {
     TORCH_CHECK(b.dim() == 2 && b.scalar_type() == at::kFloat && b.stride(1) == 1, "mogrifier_cpu: bad weight");
     n = trans ? b.size(0) : b.size(1);
     k = trans ? b.size(1) : b.size(0);
+    if (!mkl) {
+      const at::Tensor op_b = (trans ? b.t() : b) * alpha;
+      storage = at::zeros({(n + kPanel - 1) / kPanel, k, kPanel}, b.options());
+      for (int64_t p = 0; p * kPanel < n; ++p)
+        storage[p].narrow(1, 0, width(p)).copy_(op_b.narrow(1, p * kPanel, width(p)));
+      return;
+    }
     const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, m, n, k);
     storage = at::empty({static_cast<int64_t>(bytes / sizeof(float) + 16)}, b.options());
     cblas_sgemm_pack(kRowMajor, kBMatrix, trans ? kTrans : kNoTrans, m, n, k, alpha, b.data_ptr<float>(),
                      b.stride(0), storage.data_ptr<float>());
   }
-  // c[m rows, n] = a[m rows, k] @ op(B) + beta * c   (lda, ldc: row strides)
+  int64_t width(int64_t p) const { return std::min(kPanel, n - p * kPanel); }  // columns of panel p
+  // c[m rows, n] = a[m rows, k] @ op(B) + beta * c   (lda, ldc: row strides; beta is 0 or 1)
   void product(int64_t m, const float* a, int64_t lda, float beta, float* c, int64_t ldc) const {
-    cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, a, lda, storage.data_ptr<float>(), n, beta, c,
-                        ldc);
+    if (mkl) {
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, m, n, k, a, lda, storage.data_ptr<float>(), n, beta, c,
+                          ldc);
+      return;
+    }
+    // Panel by panel (a panel stays in L2 while all rows pass); the panels are split between the threads only
+    // where this runs outside over_batch_chunks (one chunk: fewer than 16 rows), as MKL's products are.
+    const float* panels = storage.data_ptr<float>();
+    at::parallel_for(0, (n + kPanel - 1) / kPanel, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const uint32_t columns = width(p) == kPanel ? ~0u : (1u << width(p)) - 1;
+        for (int64_t i = 0; i < m; i += kKernelRows)
+          kPanelKernels[std::min(kKernelRows, m - i) - 1](k, a + i * lda, lda, panels + p * k * kPanel,
+                                                          beta != 0.0f, c + i * ldc + p * kPanel, ldc, columns);
+      }
+    });
   }
 };
 
@@ -381,8 +456,18 @@ void tanh_(const at::Tensor& x) {
   for (; j < k; ++j) p[j] = std::tanh(p[j]);
 }
 
+// For the tests and the benchmark: what the products run on ("mkl" or "avx512"), and a way to choose.
+std::string products() { return products_use_mkl ? "mkl" : "avx512"; }
+void set_products(const std::string& kind) {
+  TORCH_CHECK(kind == "mkl" || (kind == "avx512" && __builtin_cpu_supports("avx512f")),
+              "set_products: 'mkl', or 'avx512' on a CPU with AVX-512 (got '", kind, "')");
+  products_use_mkl = kind == "mkl";
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("tanh_", &tanh_, "the loops' tanh, in place (for tests)");
+  mod.def("products", &products, "what the per-step products run on: 'mkl' or 'avx512'");
+  mod.def("set_products", &set_products, "the per-step products on 'mkl' or 'avx512' (for tests)");
   mod.def("chunk_count", &chunk_count, "how many row chunks (threads) a batch of B rows is split into");
   mod.def("forward_loop", &forward_loop, "Mogrifier LSTM forward loop over time (see fast.py)",
           py::call_guard<py::gil_scoped_release>());
