@@ -18,9 +18,10 @@ step-by-step autograd version, `forward_reference`, is what this is tested again
   the two halves of that matmul's input. The elementwise factors of the gate backward are computed for
   all steps at once after the forward loop, so the per-step gate backward is four elementwise ops.
 * On the CPU in float32 the two per-step loops run in C++ (cpu.cpp, compiled at first use by
-  cpu.py) on the same buffers: raw row pointers instead of tensor ops, MKL's packed GEMM
-  against weights packed once per call, fused elementwise passes, and one chunk of batch rows per
-  thread. Where the extension cannot be used (another OS/CPU/build, no compiler: see cpu.py),
+  cpu.py) on the same buffers: raw row pointers instead of tensor ops, MKL's packed GEMM (on
+  other CPUs than Intel's with AVX-512, an AVX-512 kernel) against weights packed once per call, fused
+  elementwise passes, and one chunk of batch rows per thread. Where the extension cannot be used
+  (another OS/CPU/build, no compiler: see cpu.py),
   or it is disabled (LMCORE_MOGRIFIER_CPP=0), the Python loops below run; they are the readable version
   of what the C++ does, and what runs on CUDA, in float64 and under autocast.
 * On the CPU the big buffers come from a workspace that is reused across calls (workspace.py: fresh memory
