@@ -57,6 +57,12 @@ def optuna_study(searcher):
     return _get(searcher, "_ot_study")
 
 
+# After a restore onto a study file rebuilt from Ray's trials, the pickled study's cache holds the lost file's trials:
+# the searcher is given the study read afresh (no public setter).
+def set_optuna_study(searcher, study) -> None:
+    _set(searcher, "_ot_study", study)
+
+
 # -- SearchGenerator (ray.tune.search) ---------------------------------------------------------------
 
 # The study's number of trials: Ray restores it from the snapshot as it was and has no setter; a study may grow.

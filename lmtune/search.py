@@ -49,7 +49,11 @@ class StudySearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         study = ray_internals.optuna_study(self)
-        if study.user_attrs.get(REBUILT):
+        url = getattr(self, "study_url", None)  # None in a searcher pickled before it was kept
+        if url and optuna.load_study(study_name=study.study_name, storage=url).user_attrs.get(REBUILT):
+            # The pickled study caches the lost file's trials: read the rebuilt one afresh.
+            study = optuna.load_study(study_name=study.study_name, storage=url, sampler=study.sampler)
+            ray_internals.set_optuna_study(self, study)
             self._ask_again_for_unfinished(study)
         owned = {t.number for t in ray_internals.optuna_trials(self).values()}
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -100,7 +104,7 @@ def make_study(exp: Experiment, folder: Path) -> StudySearch:
     sampler = make_sampler(exp.spec.searcher)
     storage = optuna.storages.RDBStorage(ExperimentFolder(folder).study_url)
     # OptunaSearch has no pruner: ASHA does the early stopping. metric/mode go here as well as to Tune.
-    return StudySearch(
+    search = StudySearch(
         space=exp.space,
         metric=exp.spec.metric,
         mode=exp.spec.mode,
@@ -109,6 +113,8 @@ def make_study(exp: Experiment, folder: Path) -> StudySearch:
         storage=storage,
         points_to_evaluate=exp.start_points or None,  # start_from: enqueued as the study's first trials
     )
+    search.study_url = ExperimentFolder(folder).study_url  # pickled with it: a restore may reload the study
+    return search
 
 
 def make_sampler(s: SearcherSpec) -> optuna.samplers.BaseSampler:

@@ -44,6 +44,15 @@ def test_optuna_study_is_the_searchers_study(searcher):
     assert [t.number for t in study.trials] == [ray_internals.optuna_trials(searcher)["ray_1"].number]
 
 
+def test_the_searchers_study_can_be_replaced(searcher):
+    searcher.suggest("ray_1")
+    fresh = optuna.create_study()
+    ray_internals.set_optuna_study(searcher, fresh)
+    assert ray_internals.optuna_study(searcher) is fresh
+    searcher.suggest("ray_2")  # asked of the new study
+    assert [t.number for t in fresh.trials] == [0]
+
+
 def test_total_samples_can_be_set(searcher):
     generator = SearchGenerator(searcher)
     ray_internals.set_total_samples(generator, 7)
