@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 
 from lmcore import files
-from lmcore.config import flatten
+from lmcore.config import Config, flatten
 from lmtune.experiment import Experiment
 from lmtune.layout import LOCK_FILE, OURS, SNAPSHOT_FILE, ExperimentFolder
-from lmtune.schema import ExperimentError
+from lmtune.schema import ExperimentError, ExperimentSpec
 
 GROWABLE = "trials"  # the one setting a resumed study may change (upwards)
 
@@ -152,7 +153,10 @@ def check_same_experiment(exp: Experiment, folder: Path) -> int:
     saved = flatten(_read_snapshot(folder))
     now = flatten(files.parse_yaml(yaml.safe_dump(exp.snapshot()), "snapshot"))  # the types YAML reads back
     saved = {k: v for k, v in saved.items() if not k.startswith("fixed.")}  # older snapshots: `base` has them
-    changed = sorted(k for k in set(saved) | set(now) if k != GROWABLE and saved.get(k) != now.get(k))
+    # A setting added since the snapshot was written is unchanged while it keeps its default.
+    added_at_default = {k for k in set(now) - set(saved) if now[k] == default_of(k)}
+    changed = sorted(k for k in (set(saved) | set(now)) - added_at_default
+                     if k != GROWABLE and saved.get(k) != now.get(k))
     if changed:
         raise ExperimentError(
             f"{exp.source}: differs from the run being resumed in {folder} ({', '.join(changed)}); "
@@ -166,6 +170,23 @@ def check_same_experiment(exp: Experiment, folder: Path) -> int:
             f"shrink: pass --set trials={before} (or more)"
         )
     return before
+
+
+_NO_DEFAULT = object()
+
+
+def default_of(key: str):
+    """The default of a snapshot's key (`report.seeds`, `base.train.tf32`), or a marker equal to nothing."""
+    if key.startswith("base."):
+        return Config().flat().get(key.removeprefix("base."), _NO_DEFAULT)
+    top, _, rest = key.partition(".")
+    field = ExperimentSpec.model_fields.get(top)
+    if field is None or field.is_required():
+        return _NO_DEFAULT
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return flatten(value.model_dump(mode="json")).get(rest, _NO_DEFAULT) if rest else _NO_DEFAULT
+    return _NO_DEFAULT if rest else value
 
 
 def _read_snapshot(folder: Path) -> dict:

@@ -118,3 +118,18 @@ def test_the_snapshot_has_one_reader(tmp_path):
     folder.snapshot.write_text("- a list\n")
     with pytest.raises(files.FileError, match="experiment.yaml: expected a mapping"):
         folder.read_snapshot()
+
+
+def test_a_study_from_before_a_new_setting_resumes_while_it_keeps_its_default(tiny_experiment):
+    """Snapshots written before report.seeds, searcher.around_start and train.tf32 existed lack them."""
+    from lmtune.folder import check_same_experiment
+
+    exp = load_experiment(tiny_experiment("older"))
+    exp.folder.mkdir(parents=True)
+    snapshot = exp.snapshot()
+    del snapshot["report"]["seeds"], snapshot["searcher"]["around_start"], snapshot["base"]["train.tf32"]
+    ExperimentFolder(exp.folder).snapshot.write_text(yaml.safe_dump(snapshot, sort_keys=False))
+    assert check_same_experiment(exp, exp.folder) == exp.spec.trials
+    changed = load_experiment(tiny_experiment("older"), ["report.seeds=2", "train.tf32=true"])
+    with pytest.raises(ExperimentError, match=r"differs .*\(base\.train\.tf32, report\.seeds\)"):
+        check_same_experiment(changed, exp.folder)
