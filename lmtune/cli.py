@@ -157,13 +157,14 @@ def compare_command(args: argparse.Namespace) -> int:
         _keep_existing([out.with_suffix(s) for s in (".md", ".csv", ".png")] + [pairs_file(out)], args.force)
     table = compare(folders)
     pairs = pairs_frame(folders)  # report.seeds: each pair's difference with Welch's interval
+    figure = plots.comparison([load_results(f) for f in folders])  # everything read before anything is written
     written = [out.with_suffix(".md"), out.with_suffix(".csv"), out.with_suffix(".png")] + [pairs_file(out)] * bool(
         len(pairs))
     files.write_text(out.with_suffix(".csv"), table.to_csv(index=False))
     files.write_text(out.with_suffix(".md"), comparison_markdown(table, pairs))
     if len(pairs):
         files.write_text(pairs_file(out), pairs.to_csv(index=False))
-    plots.save_png(plots.comparison([load_results(f) for f in folders]), out.with_suffix(".png"))
+    plots.save_png(figure, out.with_suffix(".png"))
     print(comparison_markdown(table, pairs), end="")
     print(f"\nwritten: {', '.join(map(str, written))}")
     return 0

@@ -73,7 +73,7 @@ def seed_pairs(seed_runs: pd.DataFrame) -> pd.DataFrame:
     least two seed runs each: `first` has the lower mean test perplexity, `difference` = second - first, with
     Welch's interval; PAIR_COLUMNS."""
     rows = []
-    finished = seed_runs[seed_runs["test_ppl"].map(_finite)]
+    finished = seed_runs[seed_runs["test_ppl"].map(_finite).astype(bool)]  # (an empty object mask picks columns)
     for dataset, runs in finished.groupby("dataset", sort=True):
         samples = {f"{experiment}/{family}": group["test_ppl"].astype(float).tolist()
                    for (experiment, family), group in runs.groupby(["experiment", "family"], sort=False)}

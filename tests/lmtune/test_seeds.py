@@ -21,7 +21,7 @@ from lmtune.confidence import mean_interval, seed_pairs, t_quantile, welch
 from lmtune.experiment import load_experiment
 from lmtune.layout import CHECKPOINT_FILE
 from lmtune.report import report
-from lmtune.results import experiment_labels
+from lmtune.results import SEED_RUN_COLUMNS, experiment_labels
 from lmtune.seeds import run_seeds
 from tests.conftest import scaled, write_tiny_experiment
 
@@ -229,3 +229,8 @@ def test_an_interrupted_seed_phase_resumes_losing_nothing(interrupted, reported_
     assert runs[["of_trial", "seed"]].values.tolist() == original[["of_trial", "seed"]].values.tolist()
     families = pd.read_csv(folder / "best_per_family.csv")
     assert (families["seeds"] == 2).all()
+
+
+def test_no_seed_runs_make_no_pairs():
+    """compare over studies without report.seeds (an empty mask once picked columns, not rows: KeyError)."""
+    assert seed_pairs(pd.DataFrame([], columns=["experiment", "dataset", *SEED_RUN_COLUMNS])).empty

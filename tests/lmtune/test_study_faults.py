@@ -69,8 +69,10 @@ def test_a_damaged_summary_is_named_and_report_rebuilds_it(study, tmp_path):
 def test_a_damaged_ray_state_is_named(study, tmp_path, damage):
     state = next((study / "ray").glob("experiment_state-*.json"))
     state.write_bytes(RANDOM_BYTES if damage == "random bytes" else b'{"trial_data": 3}')
-    for command in (["report", str(study), "--no-eval"], ["export-best", str(study), "--out", str(tmp_path / "b")]):
+    for command in (["report", str(study), "--no-eval"], ["export-best", str(study), "--out", str(tmp_path / "b")],
+                    ["compare", str(study), "--out", str(tmp_path / "cmp")]):
         one_message(*tune_in_process(*command), state)
+    assert not list(tmp_path.glob("cmp*"))  # compare reads everything before it writes
 
 
 @pytest.mark.parametrize("damage", [RANDOM_BYTES, b"foo: 1\n"], ids=["random bytes", "foreign"])
