@@ -519,7 +519,7 @@ def test_graph_replays_equal_the_eager_fast_path(monkeypatch, rank, mask, amp):
     """The graphs' bookkeeping (static buffers, casts, which gradients go where, the weights read in place),
     with the capture simulated on the CPU: the GPU check runs the real capture (test_cuda_graphs_...)."""
     monkeypatch.setattr(mogrifier_graphs.Captured, "_capture", simulated_capture)
-    monkeypatch.setattr(mogrifier_graphs, "applies", lambda x, params: torch.is_grad_enabled())
+    monkeypatch.setattr(mogrifier_graphs, "applies", lambda x: torch.is_grad_enabled())
     graphed, eager = make_layer(5, rank, torch.float32), make_layer(5, rank, torch.float32)
     eager.cuda_graphs = False
     replayed = training_steps(graphed, mask, amp)
@@ -531,7 +531,7 @@ def test_graph_replays_equal_the_eager_fast_path(monkeypatch, rank, mask, amp):
 def test_a_second_forward_before_the_backward_runs_eagerly(monkeypatch):
     """Replaying a key again before its backward would overwrite what that backward reads."""
     monkeypatch.setattr(mogrifier_graphs.Captured, "_capture", simulated_capture)
-    monkeypatch.setattr(mogrifier_graphs, "applies", lambda x, params: torch.is_grad_enabled())
+    monkeypatch.setattr(mogrifier_graphs, "applies", lambda x: torch.is_grad_enabled())
     layer = make_layer(3, None, torch.float32)
     x, state, _ = make_inputs(torch.float32)
     layer(x, state)[0].sum().backward()  # seen once: eager

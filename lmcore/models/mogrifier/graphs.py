@@ -38,9 +38,9 @@ def enabled() -> bool:
     return os.environ.get("LMCORE_CUDA_GRAPHS", "1") != "0"
 
 
-def applies(x: Tensor, params: list[Tensor]) -> bool:
+def applies(x: Tensor) -> bool:
     """Graphs help where the launches are the cost: CUDA, with gradients (training); elsewhere the eager path."""
-    return x.is_cuda and enabled() and torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    return x.is_cuda and enabled() and torch.is_grad_enabled()
 
 
 class _Ctx:
@@ -141,11 +141,18 @@ def _key(inputs: list[Tensor], low_rank: tuple[bool, ...], masked: bool) -> tupl
             tuple(t.data_ptr() for t in inputs[3 + masked:]))
 
 
-def graphed_mogrifier_lstm(layer, x: Tensor, h0: Tensor, c0: Tensor, mask: Tensor | None, params: list[Tensor],
-                           low_rank: tuple[bool, ...]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """`mogrifier_lstm` through the layer's graphs for this key, captured on the key's second sighting."""
+def graphed_mogrifier_lstm(layer, x: Tensor, state: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+                           weight_ih: Tensor, weight_hh: Tensor, bias: Tensor,
+                           round_params: list[tuple[Tensor, ...]]) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """`mogrifier_lstm` (same arguments) through the layer's graphs for this key, captured on the key's second
+    sighting; `mogrifier_lstm` itself where no graph applies."""
+    params = [weight_ih, weight_hh, bias] + [p for ps in round_params for p in ps]
+    if not any(p.requires_grad for p in params):
+        return mogrifier_lstm(x, state, mask, weight_ih, weight_hh, bias, round_params)
+    h0, c0 = state if state is not None else (x.new_zeros(x.shape[1], weight_hh.shape[1]),) * 2
+    low_rank = tuple(len(ps) == 3 for ps in round_params)
     masked = mask is not None
-    inputs = [x.contiguous(), h0, c0] + ([mask.detach()] if masked else []) + list(params)
+    inputs = [x.contiguous(), h0, c0] + ([mask.detach()] if masked else []) + params
     key = _key(inputs, low_rank, masked)
     graphs = _graphs.setdefault(layer, OrderedDict())
     captured = graphs.get(key)
@@ -158,20 +165,10 @@ def graphed_mogrifier_lstm(layer, x: Tensor, h0: Tensor, c0: Tensor, mask: Tenso
             while len(graphs) > MAX_GRAPHS:
                 graphs.popitem(last=False)
     if captured is None or captured.busy():
-        return _eager(inputs, low_rank, masked)
+        return mogrifier_lstm(x, (h0, c0), mask, weight_ih, weight_hh, bias, round_params)
     graphs.move_to_end(key)
     out, h, c = _Replay.apply(captured, *inputs)
     return out, (h, c)
-
-
-def _eager(inputs: list[Tensor], low_rank: tuple[bool, ...], masked: bool) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    x, h0, c0, *rest = inputs
-    mask, flat = (rest[0], rest[1:]) if masked else (None, rest)
-    w_ih, w_hh, bias, *round_flat = flat
-    round_params, it = [], iter(round_flat)
-    for factored in low_rank:
-        round_params.append(tuple(next(it) for _ in range(3 if factored else 2)))
-    return mogrifier_lstm(x, (h0, c0), mask, w_ih, w_hh, bias, round_params)
 
 
 def captured(layer) -> int:

@@ -109,11 +109,9 @@ class MogrifierLSTMLayer(nn.Module):
         round_params = [
             (r.weight, r.bias) if r.rank is None else (r.left, r.right, r.bias) for r in self.mogrify_rounds
         ]
-        flat = [self.weight_ih, self.weight_hh, self.bias] + [p for ps in round_params for p in ps]
-        if self.cuda_graphs and graphs.applies(x, flat):
-            h0, c0 = state if state is not None else (x.new_zeros(x.shape[1], self.hidden_size),) * 2
-            low_rank = tuple(len(ps) == 3 for ps in round_params)
-            return graphs.graphed_mogrifier_lstm(self, x, h0, c0, state_mask, flat, low_rank)
+        if self.cuda_graphs and graphs.applies(x):
+            return graphs.graphed_mogrifier_lstm(self, x, state, state_mask, self.weight_ih, self.weight_hh, self.bias,
+                                                 round_params)
         return mogrifier_lstm(x, state, state_mask, self.weight_ih, self.weight_hh, self.bias, round_params)
 
     def forward_reference(
