@@ -159,9 +159,13 @@ def scaled(seconds: float) -> float:
 
 def pytest_collection_modifyitems(items):
     """A last line of defence (pytest-timeout): a test that hangs fails after 20 minutes, scaled, with every
-    thread's stack, instead of holding CI to its own limit. The tests' own waits are shorter and say more."""
+    thread's stack, instead of holding CI to its own limit. The tests' own waits are shorter and say more.
+    Under pytest-xdist (`./dev test`), the tests on the shared in-process Ray (`ray_session`) all run on one
+    worker, so that one Ray and one `reported_experiment` serve them all."""
     for item in items:
         item.add_marker(pytest.mark.timeout(scaled(1200)))
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray_session"))
 
 
 def run_process(command: list[str], timeout: float = 900, **kwargs):
