@@ -263,7 +263,8 @@ def measure_layer(name: str, B: int, T: int, settings: dict, device) -> None:
 
 
 def stage_tests(dry: bool) -> int:
-    files = ["tests/lmcore/test_models.py", "tests/lmcore/test_mogrifier.py", "tests/lmcore/test_train.py"]
+    files = ["tests/lmcore/test_models.py", "tests/lmcore/test_mogrifier.py", "tests/lmcore/test_train.py",
+             "tests/lmcore/test_transformer.py"]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", *files]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     print(proc.stdout[-6000:], proc.stderr[-3000:])

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 
 def sinusoidal_table(length: int, width: int) -> Tensor:
@@ -48,7 +49,7 @@ class Attention(nn.Module):
         nn.init.zeros_(self.in_proj.bias)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, mask: CausalBias | None) -> Tensor:
         """x [T, B, d] (normed window), context [M + T, B, d] (normed memory and window)."""
         d = x.shape[-1]
         w_q, w_kv = self.in_proj.weight.split([d, 2 * d])
@@ -79,19 +80,21 @@ class Block(nn.Module):
                                           nn.Linear(ff, d_model))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, memory: Tensor | None, mask: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, memory: Tensor | None, mask: CausalBias | None) -> Tensor:
         normed = self.norm1(x)
         context = normed if memory is None else torch.cat([self.norm1(memory), normed])
         x = x + self.dropout(self.attention(normed, context, mask))
         return x + self.dropout(self.feed_forward(self.norm2(x)))
 
 
-def attention_mask(length: int, memory_length: int, device: torch.device) -> Tensor | None:
-    """[T, M + T], True where a query may attend: every memory slot and the window up to itself.
-    None without a memory (plain causal attention)."""
+def attention_mask(length: int, memory_length: int) -> CausalBias | None:
+    """[T, M + T]: a query may attend to every memory slot and the window up to itself; None without a memory
+    (plain causal attention). Causal aligned to the lower right, as a bias object rather than a boolean
+    tensor: on CUDA scaled_dot_product_attention then keeps its flash and memory-efficient kernels, which a
+    boolean mask rules out; elsewhere it is the same mask, made when used."""
     if memory_length == 0:
         return None
-    return torch.ones(length, memory_length + length, dtype=torch.bool, device=device).tril(memory_length)
+    return causal_lower_right(length, memory_length + length)
 
 
 class TransformerStack(nn.Module):
@@ -122,7 +125,7 @@ class TransformerStack(nn.Module):
                 raise ValueError(f"sequence of {length} tokens is longer than model.max_len={self.max_len}")
             x = x + self.positions[:length].unsqueeze(1).to(x.dtype)
         memories = [None] * len(self.blocks) if state is None or not self.memory else state
-        mask = attention_mask(length, 0 if memories[0] is None else memories[0].shape[0], x.device)
+        mask = attention_mask(length, 0 if memories[0] is None else memories[0].shape[0])
         new_state = []
         for block, memory in zip(self.blocks, memories):
             memory = None if memory is None else memory.detach()

@@ -112,3 +112,39 @@ def test_transformer_with_memory_trains_and_resumes(markov_corpus_dir, tmp_path)
     lmcore.train(config, report=lambda m, save: resumed.append(m), resume_from=tmp_path / "e1.pt")
     assert whole[0]["valid_ppl"] > whole[1]["valid_ppl"]
     assert resumed[0]["valid_ppl"] == whole[1]["valid_ppl"]
+
+
+def test_the_memory_mask_gives_the_boolean_lower_right_causal_attention():
+    """The memory's mask (a bias object the fused CUDA kernels accept) attends as the explicit boolean mask
+    [T, M + T] does: every memory slot, the window up to the query; forward and backward, with dropout."""
+    from lmcore.models.transformer import Attention, attention_mask
+
+    length, memory = 5, 4
+    attention = Attention(d_model=24, heads=2, dropout=0.3, rope=True).train()
+    allowed = torch.ones(length, memory + length, dtype=torch.bool).tril(memory)
+    assert allowed[0].tolist() == [True] * (memory + 1) + [False] * (length - 1)
+    x = torch.randn(length, 3, 24)
+    context = torch.cat([torch.randn(memory, 3, 24), x]).requires_grad_()
+    runs = []
+    for mask in (attention_mask(length, memory), allowed):
+        torch.manual_seed(1)  # the same dropout
+        out = attention(x, context, mask)
+        runs.append((out, *torch.autograd.grad(out.square().sum(), (context, attention.in_proj.weight))))
+    for bias, boolean in zip(*runs):
+        torch.testing.assert_close(bias, boolean, rtol=0, atol=0)
+    assert attention_mask(length, 0) is None  # no memory: plain causal attention
+
+
+def test_cuda_attention_over_a_memory_runs_on_the_flash_kernel():
+    """With a memory the mask is not square; a boolean mask would rule out flash attention on CUDA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = transformer(memory=8, **{"model.d_model": 64, "model.heads": 4}).cuda().train()
+    tokens = torch.randint(0, 30, (12, 2), device="cuda")
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+        _, state = model(tokens[:6])
+        logits, _ = model(tokens[6:], state)
+        logits.float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
