@@ -9,7 +9,8 @@ machine's python3 and torch, plus the wheels and the PTB files that `prepare` pu
 
 Stages, most decisive first (a stage that fails or runs out of time is reported as such; the next one runs):
   layer  the Mogrifier layer at the paper's shapes against cuDNN's nn.LSTM of the same width, forward + backward,
-         float32, TF32 and bf16 autocast: reference, eager fast path, CUDA graphs; tokens/s and error
+         float32, TF32 and bf16 autocast: reference, eager fast path, CUDA graphs; tokens/s and error; and the
+         LSTM with the LSTM family's state dropout (W_hh masked per call): whether cuDNN re-packs its weights
   tests  the CUDA tests (device-parametrised model, training and Mogrifier equivalence tests)
   train  a short real training of the 24M PTB paper config and of the LSTM at the same size
   pack   N = 1, 2, 4, 8 training processes of the 24M config on the one GPU: total tokens/s
@@ -26,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,6 +210,13 @@ def stage_layer(dry: bool) -> None:
         measure_layer(name, B, T, settings, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    report("")
+    report("cuDNN LSTM, state dropout: W_hh masked per call (lmcore/models/rnn.py); torch "
+           + (f"warned that it re-packs the weights: {REPACK_WARNINGS[0][:160]}" if REPACK_WARNINGS
+              else "gave no warning of re-packing the weights"))
+
+
+REPACK_WARNINGS: list[str] = []  # torch's warnings that a masked LSTM's weights are re-packed (once per process)
 
 
 def measure_layer(name: str, B: int, T: int, settings: dict, device) -> None:
@@ -216,6 +225,7 @@ def measure_layer(name: str, B: int, T: int, settings: dict, device) -> None:
     from torch import nn
 
     from lmcore.models.mogrifier import MogrifierLSTMLayer, graphs
+    from lmcore.models.rnn import FusedRNNStack
 
     timer = Timer(device)
     layer = MogrifierLSTMLayer(**settings).to(device)
@@ -237,6 +247,15 @@ def measure_layer(name: str, B: int, T: int, settings: dict, device) -> None:
         out, _ = lstm(x)
         out.float().backward(grad_out)
 
+    # The LSTM family's state dropout: W_hh masked per call through functional_call (lmcore/models/rnn.py).
+    dropped = FusedRNNStack("lstm", settings["input_size"], settings["hidden_size"], 1, inter=0.0,
+                            state=1 - keep).to(device).train()
+
+    def lstm_dropped_step():
+        x.grad = None
+        out, _ = dropped.run_layer(dropped.layers[0], x, None, drop_state=True)
+        out.float().backward(grad_out)
+
     with precision("float32", device):
         reference = [step(False, False).detach().float(), x.grad.clone(), layer.weight_hh.grad.clone()]
     paths = [("reference", False, False, 3), ("fast, eager", True, False, 10)]
@@ -248,6 +267,11 @@ def measure_layer(name: str, B: int, T: int, settings: dict, device) -> None:
             cudnn_ms = timer(lstm_step, reps=20)
             row = f"| {name} | {B}×{T} | {shape} | {prec}"
             report(f"{row} | cuDNN LSTM | {cudnn_ms:.2f} | {B * T / cudnn_ms * 1000:,.0f} | 1.00 | |")
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                ms = timer(lstm_dropped_step, reps=20)
+            REPACK_WARNINGS.extend(str(w.message) for w in said if "contiguous chunk of memory" in str(w.message))
+            report(f"{row} | cuDNN LSTM, state dropout | {ms:.2f} | {B * T / ms * 1000:,.0f} | {cudnn_ms / ms:.2f} | |")
             for label, fast, use_graphs, reps in paths:
                 ms = timer(lambda: step(fast, use_graphs), reps=reps)  # noqa: B023 (called at once)
                 out = step(fast, use_graphs).detach().float()
