@@ -160,12 +160,16 @@ def scaled(seconds: float) -> float:
 def pytest_collection_modifyitems(items):
     """A last line of defence (pytest-timeout): a test that hangs fails after 20 minutes, scaled, with every
     thread's stack, instead of holding CI to its own limit. The tests' own waits are shorter and say more.
-    Under pytest-xdist (`./dev test`), the tests on the shared in-process Ray (`ray_session`) all run on one
-    worker, so that one Ray and one `reported_experiment` serve them all."""
+    Under pytest-xdist (`./dev test`, --dist loadgroup) a file's tests run on one worker, so that its module
+    fixtures are made once, and the files that read `reported_experiment` share one worker, so that one study
+    serves them all."""
+    def file_of(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    reading = {file_of(item) for item in items if "reported_experiment" in getattr(item, "fixturenames", ())}
     for item in items:
         item.add_marker(pytest.mark.timeout(scaled(1200)))
-        if "ray_session" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("ray_session"))
+        item.add_marker(pytest.mark.xdist_group("reported_experiment" if file_of(item) in reading else file_of(item)))
 
 
 def run_process(command: list[str], timeout: float = 900, **kwargs):

@@ -71,7 +71,7 @@ def test_killed_driver_resumes_with_the_same_command(ray_session, tiny_experimen
     # 8 trials: on an idle machine 5 could all end before Ray's snapshot shows the first and the kill lands.
     path = tiny_experiment(
         "resume",
-        fixed={"train.steps_per_epoch": 40},
+        fixed={"train.steps_per_epoch": 25},
         scheduler={"type": "fifo", "max_epochs": 4},
         trials=8,
     )
@@ -143,7 +143,7 @@ def rung_records(folder: Path) -> set[tuple[int, str]]:
 
 def test_ctrl_c_exits_130_and_the_interrupted_study_grows(ray_session, tiny_experiment, tmp_path):
     # 8 trials: after the first ends, the rest cannot all finish before the Ctrl-C lands (with 4 they could).
-    path = tiny_experiment("interrupt", fixed={"train.steps_per_epoch": 40},
+    path = tiny_experiment("interrupt", fixed={"train.steps_per_epoch": 25},
                            scheduler={"type": "asha", "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
                            trials=8)
     folder = path.parent / "results" / "interrupt"

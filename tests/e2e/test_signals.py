@@ -14,7 +14,7 @@ from tests.e2e.test_resume import REPO, snapshot_statuses, start
 
 def test_sigterm_to_the_driver_ends_it_as_ctrl_c_and_a_lost_study_file_is_rebuilt(ray_session, tiny_experiment,
                                                                                     tmp_path):
-    path = tiny_experiment("term", fixed={"train.steps_per_epoch": 40}, scheduler={"type": "fifo", "max_epochs": 3},
+    path = tiny_experiment("term", fixed={"train.steps_per_epoch": 25}, scheduler={"type": "fifo", "max_epochs": 3},
                            trials=4)
     folder = path.parent / "results" / "term"
     log = tmp_path / "driver.log"

@@ -41,7 +41,7 @@ def test_half_gpu_trials_pack_two_per_gpu(tmp_path, markov_corpus_dir):
     path = write_tiny_experiment(tmp_path / "packed.yaml", markov_corpus_dir, tmp_path / "results", trials=4,
                                  family="lstm", search_space=LSTM_ONLY,
                                  resources={"cpus": 1, "gpus": 0.5}, scheduler={"type": "fifo", "max_epochs": 3},
-                                 fixed={"train.steps_per_epoch": 150})  # seconds per trial: they overlap
+                                 fixed={"train.steps_per_epoch": 60})  # seconds per trial: they overlap
     run = subprocess.run([sys.executable, "-c", DRIVER, str(path)], cwd=REPO, capture_output=True, text=True,
                          timeout=LIMIT_S, env={**os.environ, "PYTHONPATH": str(REPO), DEVICE_OVERRIDE: "cpu"})
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
