@@ -206,21 +206,20 @@ def stage_layer(dry: bool) -> None:
     report("")
     report("| layer | B×T | m→n, rounds, rank | precision | path | ms | tokens/s | × cuDNN | error |")
     report("|---|---|---|---|---|---:|---:|---:|---:|")
+    repack_warnings = []  # torch's warnings that the masked LSTM's weights are re-packed (once per process)
     for name, B, T, settings in paper_layers(dry):
-        measure_layer(name, B, T, settings, device)
+        repack_warnings += measure_layer(name, B, T, settings, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     report("")
     report("cuDNN LSTM, state dropout: W_hh masked per call (lmcore/models/rnn.py); torch "
-           + (f"warned that it re-packs the weights: {REPACK_WARNINGS[0][:160]}" if REPACK_WARNINGS
+           + (f"warned that it re-packs the weights: {repack_warnings[0][:160]}" if repack_warnings
               else "gave no warning of re-packing the weights"))
 
 
-REPACK_WARNINGS: list[str] = []  # torch's warnings that a masked LSTM's weights are re-packed (once per process)
-
-
-def measure_layer(name: str, B: int, T: int, settings: dict, device) -> None:
-    """The report's rows of one layer shape: cuDNN and each path of ours, in each precision."""
+def measure_layer(name: str, B: int, T: int, settings: dict, device) -> list[str]:
+    """The report's rows of one layer shape: cuDNN and each path of ours, in each precision; returns torch's
+    warnings that the state-dropout LSTM re-packs its weights."""
     import torch
     from torch import nn
 
@@ -256,6 +255,7 @@ def measure_layer(name: str, B: int, T: int, settings: dict, device) -> None:
         out, _ = dropped.run_layer(dropped.layers[0], x, None, drop_state=True)
         out.float().backward(grad_out)
 
+    repack_warnings: list[str] = []
     with precision("float32", device):
         reference = [step(False, False).detach().float(), x.grad.clone(), layer.weight_hh.grad.clone()]
     paths = [("reference", False, False, 3), ("fast, eager", True, False, 10)]
@@ -270,7 +270,7 @@ def measure_layer(name: str, B: int, T: int, settings: dict, device) -> None:
             with warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
                 ms = timer(lstm_dropped_step, reps=20)
-            REPACK_WARNINGS.extend(str(w.message) for w in said if "contiguous chunk of memory" in str(w.message))
+            repack_warnings += [str(w.message) for w in said if "contiguous chunk of memory" in str(w.message)]
             report(f"{row} | cuDNN LSTM, state dropout | {ms:.2f} | {B * T / ms * 1000:,.0f} | {cudnn_ms / ms:.2f} | |")
             for label, fast, use_graphs, reps in paths:
                 ms = timer(lambda: step(fast, use_graphs), reps=reps)  # noqa: B023 (called at once)
@@ -281,6 +281,7 @@ def measure_layer(name: str, B: int, T: int, settings: dict, device) -> None:
                        f"{error:.1e} |")
     if device.type == "cuda":
         report(f"({name}: {graphs.captured(layer)} graphs captured)")
+    return repack_warnings
 
 
 # -- stage: the CUDA tests -----------------------------------------------------------------------------------
