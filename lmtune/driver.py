@@ -8,7 +8,7 @@ import signal
 import socket
 
 from lmcore.exitcodes import reclaim_sigterm
-from lmtune import ray_guard
+from lmtune import ray_guard, ray_internals
 from lmtune.experiment import Experiment
 from lmtune.folder import FolderLock, Plan, check_folder, prepare_folder
 from lmtune.layout import RAY_FOLDER, ExperimentFolder
@@ -47,13 +47,13 @@ def run_experiment(
             start_ray(address, num_cpus, dashboard, dashboard_host, dashboard_port)
             reclaim_sigterm(sigterm)  # ray.init makes SIGTERM exit(15); tune.py's handler ends the fit as Ctrl-C does
         try:
-            return _fit(exp, plan, started)
+            return _fit(exp, plan)
         finally:
             if started:
                 stop_ray()
 
 
-def _fit(exp: Experiment, plan: Plan, started: bool) -> bool:
+def _fit(exp: Experiment, plan: Plan) -> bool:
     from ray import tune
 
     from lmtune.trainable import train_lm
@@ -62,7 +62,7 @@ def _fit(exp: Experiment, plan: Plan, started: bool) -> bool:
     print(f"Experiment folder: {folder}")
     print(f"  TensorBoard:      tensorboard --logdir {folder}")
     print(f"  Optuna dashboard: optuna-dashboard {ExperimentFolder(folder).study_url}")
-    warm_nodes(exp.base.data.name, exp.base.data.dir, skip_here=started)
+    warm_nodes(exp.base.data.name, exp.base.data.dir)
 
     resources = {"cpu": exp.spec.resources.cpus, "gpu": exp.spec.resources.gpus}
     trainable = tune.with_resources(tune.with_parameters(train_lm, base=exp.base.model_dump()), resources)
@@ -208,13 +208,14 @@ def free_port(host: str, port: int, what: str) -> int:
     return free
 
 
-def warm_nodes(name: str, data_dir: str | None, skip_here: bool) -> None:
-    """Tokenise the corpus once on every node of the cluster (lmcore caches it on disk), not per trial.
-    `skip_here`: the driver's node shares the driver's cache (a Ray we started: its workers have our environment)."""
+def warm_nodes(name: str, data_dir: str | None) -> None:
+    """Tokenise the corpus once on every node of the cluster (lmcore caches it on disk), not per trial. The node
+    this process started (its own Ray, a notebook's, a test's) is skipped: its workers have our environment, and so
+    the cache run_experiment has just filled; a worker process started only to find that costs a torch import."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = ray.get_runtime_context().get_node_id() if skip_here else None
+    here = ray.get_runtime_context().get_node_id() if ray_internals.started_local_ray() else None
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here and n["Resources"].get("CPU")]
     load = ray.remote(num_cpus=1)(_load_corpus)
     ray.get([

@@ -2,7 +2,8 @@
 
 Each reaches something no public API gives (the comment above each says what and why). pyproject.toml bounds ray and
 optuna to the versions this was tested with, and tests/lmtune/test_ray_internals.py checks every access on objects
-built directly (no Ray started): an upgrade that removes one fails there, and here, with InternalsChanged naming it.
+built directly (a Ray only for the access about it): an upgrade that removes one fails there, and here, with
+InternalsChanged naming it.
 """
 from __future__ import annotations
 
@@ -98,6 +99,17 @@ def set_asha_stopped(scheduler, stopped: int) -> None:
 # takes no new ones and Tuner has no getter; the study's trial count and ASHA's rungs are put back through it.
 def tune_config(tuner):
     return _get(_get(tuner, "_local_tuner"), "_tune_config")
+
+
+# -- The Ray this process is connected to --------------------------------------------------------------------------
+
+# Whether this process started the local Ray node (ray.init without an address, or address="local"; a notebook's or a
+# test's too) rather than joined one (`--address`): no public API says. Only then do that node's workers have this
+# process's environment, and so its corpus cache (lmtune/driver.py, warm_nodes). Ray keeps the daemons a node it
+# started spawned in all_processes; a joined node has none there.
+def started_local_ray() -> bool:
+    node = _private("ray._private.worker", "_global_node")
+    return node is not None and bool(_get(node, "all_processes"))
 
 
 # -- A trial as Ray's experiment state (ray/experiment_state-*.json) saves it ---------------------------------------

@@ -8,11 +8,14 @@ Positions: none, absolute (sinusoidal / learned; only without a memory) or rotar
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.nn.attention.bias import CausalBias, causal_lower_right
+
+if TYPE_CHECKING:  # imported where used: torch.nn.attention.bias pulls in torch._dynamo (a second per process)
+    from torch.nn.attention.bias import CausalBias
 
 
 def sinusoidal_table(length: int, width: int) -> Tensor:
@@ -94,6 +97,8 @@ def attention_mask(length: int, memory_length: int) -> CausalBias | None:
     boolean mask rules out; elsewhere it is the same mask, made when used."""
     if memory_length == 0:
         return None
+    from torch.nn.attention.bias import causal_lower_right
+
     return causal_lower_right(length, memory_length + length)
 
 

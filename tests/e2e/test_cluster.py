@@ -96,9 +96,11 @@ def wait_for(what: str, condition, driver: subprocess.Popen, log: Path):
 def test_a_driver_without_the_token_is_refused_with_a_clear_message(cluster, tmp_path, markov_corpus_dir):
     path = write_tiny_experiment(tmp_path / "refused.yaml", markov_corpus_dir, tmp_path / "shared")
     env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_AUTH")}
+    # Ray retries a refused connection 20 times, seconds apart, before giving up; 3 show the same message.
+    env.update(PYTHONPATH=str(REPO), RAY_NUM_REDIS_GET_RETRIES="3")
     run = subprocess.run([sys.executable, str(REPO / "tune.py"), str(path), "--address",
                           cluster.settings()["RAY_ADDRESS"]], cwd=REPO, capture_output=True, text=True,
-                         timeout=LIMIT_S, env={**env, "PYTHONPATH": str(REPO)})
+                         timeout=LIMIT_S, env=env)
     assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
     assert "refused this driver's auth token" in run.stderr and "RAY_AUTH_TOKEN_PATH" in run.stderr
     assert "Traceback" not in run.stderr

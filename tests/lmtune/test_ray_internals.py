@@ -1,5 +1,6 @@
 """lmtune/ray_internals.py: each private Ray or Optuna attribute lmtune reaches, checked on objects built directly (no
-Ray started). After an upgrade that removes one, its test fails with InternalsChanged naming the attribute."""
+Ray started, but where the access is about the Ray this process started). After an upgrade that removes one, its test
+fails with InternalsChanged naming the attribute."""
 import json
 from pathlib import Path
 
@@ -155,6 +156,14 @@ def test_set_trial_checkpoints_makes_the_last_the_latest_and_deletes_none(tmp_pa
     driver.trial = restored
     driver.save(3)  # Ray keeps one again: the best (and latest), and deletes the others it knows
     assert sorted(p.name for p in driver.folder.iterdir()) == ["checkpoint_000000", "checkpoint_000003"]
+
+
+def test_started_local_ray_tells_a_ray_this_process_started_from_none(ray_session, monkeypatch):
+    assert ray_internals.started_local_ray()  # the tests' small Ray, started by this process (a joined one: test_cluster)
+    import ray._private.worker
+
+    monkeypatch.setattr(ray._private.worker, "_global_node", None)  # as before ray.init, or after ray.shutdown
+    assert not ray_internals.started_local_ray()
 
 
 def test_a_missing_private_name_is_named():
