@@ -157,19 +157,44 @@ def scaled(seconds: float) -> float:
     return seconds * TIMEOUT_SCALE
 
 
+# The test files that read the shared `reported_experiment`: one xdist worker runs them all, so that the study runs
+# once (tests/test_conftest.py checks that this names every file using it).
+SHARED_STUDY_FILES = ("tests/e2e/test_notebook.py", "tests/lmtune/test_export.py", "tests/lmtune/test_plots.py",
+                      "tests/lmtune/test_seeds.py")
+HEAVY_FIXTURES = {"ray_session", "reported_experiment"}
+
+
 def pytest_collection_modifyitems(items):
     """A last line of defence (pytest-timeout): a test that hangs fails after 20 minutes, scaled, with every
     thread's stack, instead of holding CI to its own limit. The tests' own waits are shorter and say more.
-    Under pytest-xdist (`./dev test`, --dist loadgroup) a file's tests run on one worker, so that its module
-    fixtures are made once, and the files that read `reported_experiment` share one worker, so that one study
-    serves them all."""
+    The files that start processes or Ray (end-to-end, slow-marked, on the shared Ray) come first, each kept
+    together: under pytest-xdist the long ones start early and the short unit tests even out the end."""
     def file_of(item) -> str:
         return item.nodeid.split("::")[0]
 
-    reading = {file_of(item) for item in items if "reported_experiment" in getattr(item, "fixturenames", ())}
+    heavy = {file_of(item) for item in items if file_of(item).startswith("tests/e2e/")
+             or item.get_closest_marker("slow") or HEAVY_FIXTURES & set(getattr(item, "fixturenames", ()))}
     for item in items:
         item.add_marker(pytest.mark.timeout(scaled(1200)))
-        item.add_marker(pytest.mark.xdist_group("reported_experiment" if file_of(item) in reading else file_of(item)))
+    items.sort(key=lambda item: file_of(item) not in heavy)  # stable: collection order within each part
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`./dev test` (--dist loadgroup): a file's tests on one worker, so that its module fixtures are made once, and
+    SHARED_STUDY_FILES together on one, in the order collected (heavy files first). xdist's own loadgroup reads
+    the group from a nodeid suffix that pytest 9 no longer keeps, so every test would be a group of its own."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0]
+            return "shared study" if file in SHARED_STUDY_FILES else file
+
+    config.option.loadscopereorder = False  # not by number of tests: the order collected
+    return FileGroups(config, log)
 
 
 def run_process(command: list[str], timeout: float = 900, **kwargs):
