@@ -21,18 +21,9 @@ LIMIT_S = 900 * float(os.environ.get("LMTUNE_TEST_TIME_SCALE", "1"))
 pytestmark = pytest.mark.slow
 
 DRIVER = textwrap.dedent("""
-    import sys, time, ray
+    import sys, ray
     from lmtune import load_experiment, run_experiment
     ray.init(address="local", num_cpus=4, num_gpus=2, include_dashboard=False)  # 2 logical GPUs, no CUDA needed
-
-    @ray.remote(num_cpus=1)
-    def warm():
-        import lmtune.trainable  # torch and all
-        time.sleep(2)
-
-    # Four worker processes up first: on a loaded machine their start-up (tens of seconds) would otherwise
-    # stagger the trials, and this test is about where Ray puts them, not how fast Python starts.
-    ray.get([warm.remote() for _ in range(4)])
     sys.exit(0 if run_experiment(load_experiment(sys.argv[1])) else 1)
 """)
 
