@@ -183,7 +183,8 @@ def pytest_collection_modifyitems(items):
 def pytest_xdist_make_scheduler(config, log):
     """`./dev test` (--dist loadgroup): a file's tests on one worker, so that its module fixtures are made once, and
     SHARED_STUDY_FILES together on one, in the order collected (heavy files first). xdist's own loadgroup reads
-    the group from a nodeid suffix that pytest 9 no longer keeps, so every test would be a group of its own."""
+    the group from a nodeid suffix that pytest 9 no longer keeps (pytest-xdist issue 1386), so every test would be
+    a group of its own."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
