@@ -162,19 +162,24 @@ def read_summary(folder: str | Path, rebuild: bool = False) -> dict[str, Any]:
 
 
 def ray_analysis(folder: Path):
-    """Ray's ExperimentAnalysis of the study (its newest experiment_state-*.json); ExperimentError naming that file
-    when it is damaged."""
+    """Ray's ExperimentAnalysis of the study (its newest experiment_state-*.json), each trial naming only checkpoints
+    that exist (lmtune/repair.py, in memory); ExperimentError naming that file when it is damaged."""
     from ray.tune import ExperimentAnalysis
+
+    from lmtune.repair import repair_trial
 
     ray = ExperimentFolder(folder).ray
     try:
-        return ExperimentAnalysis(str(ray))
+        analysis = ExperimentAnalysis(str(ray))
     except (ValueError, KeyError, TypeError) as err:  # not JSON (UnicodeDecodeError, JSONDecodeError), or not Ray's
         states = sorted(ray.glob("experiment_state-*.json"))
         raise ExperimentError(
             f"{states[-1] if states else ray}: damaged ({type(err).__name__}): Ray's record of the study cannot be "
             f"read; each trial's results remain in {ray}/trial_*/. Restore the file from a backup to report or "
             "resume the study") from None
+    for trial in analysis.trials:  # a killed driver's state may name checkpoints Ray deleted: read as a resume would
+        repair_trial(trial, ray)
+    return analysis
 
 
 def built_config(checkpoint_file: Path) -> tuple[Config, int]:

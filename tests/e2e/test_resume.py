@@ -121,6 +121,8 @@ def test_a_trial_whose_saved_checkpoint_is_gone_resumes_from_the_newest_left(ray
     shutil.rmtree(folder / "checkpoint_000000", ignore_errors=True)  # Ray deleted it, unless it was among the best
     model = folder / "checkpoint_000002" / CHECKPOINT_FILE
     model.write_bytes(model.read_bytes()[:1000])  # the trial was killed as it wrote epoch 3's
+    # Read before any resume (`tune.py report` of a study killed for good): the best checkpoint is one that exists.
+    assert load_results(exp.folder).best_checkpoint(trial.trial_id) == folder / "checkpoint_000001"
     capsys.readouterr()
 
     assert run_experiment(exp) is True  # the same command again
