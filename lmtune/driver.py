@@ -15,6 +15,7 @@ from lmtune.layout import RAY_FOLDER, ExperimentFolder
 from lmtune.repair import repair_experiment_state
 from lmtune.schema import ExperimentError
 from lmtune.search import make_scheduler, make_searcher, restore_study
+from lmtune.trackers import tracker_callbacks
 
 _guard = None  # the process that kills what is left of the Ray we started, when we exit however we exit
 
@@ -97,7 +98,7 @@ def _fit(exp: Experiment, plan: Plan) -> bool:
                 ),
                 failure_config=tune.FailureConfig(max_failures=exp.spec.failure.max_failures),
                 progress_reporter=make_reporter(exp),
-                callbacks=make_loggers(exp),
+                callbacks=tracker_callbacks(exp),
                 verbose=1,
             ),
         )
@@ -228,21 +229,6 @@ def _load_corpus(name: str, data_dir: str | None) -> None:
     import lmcore
 
     lmcore.load_corpus(name, data_dir)
-
-
-def make_loggers(exp: Experiment) -> list:
-    """Ray Tune's logger callbacks for the trackers named in the experiment's `loggers` (installed as extras).
-    MLflow logs where $MLFLOW_TRACKING_URI says; W&B to the project named after the experiment ($WANDB_MODE)."""
-    callbacks = []
-    if "mlflow" in exp.spec.loggers:
-        from ray.air.integrations.mlflow import MLflowLoggerCallback
-
-        callbacks.append(MLflowLoggerCallback(experiment_name=exp.name))
-    if "wandb" in exp.spec.loggers:
-        from ray.air.integrations.wandb import WandbLoggerCallback
-
-        callbacks.append(WandbLoggerCallback(project=exp.name, dir=str(exp.folder)))  # W&B's run files: in it
-    return callbacks
 
 
 def make_reporter(exp: Experiment):

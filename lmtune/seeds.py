@@ -19,6 +19,7 @@ from lmtune.experiment import Experiment
 from lmtune.layout import RERUN, ExperimentFolder
 from lmtune.repair import repair_experiment_state
 from lmtune.space import trial_settings
+from lmtune.trackers import tracker_callbacks
 
 MAX_SEED = 2**63  # lmcore's train.seed is below it
 
@@ -79,6 +80,7 @@ def run_seeds(exp: Experiment) -> bool:
                                                         checkpoint_score_attribute="valid_ppl",
                                                         checkpoint_score_order="min"),
                 failure_config=tune.FailureConfig(max_failures=exp.spec.failure.max_failures),
+                callbacks=tracker_callbacks(exp),
                 progress_reporter=tune.CLIReporter(
                     parameter_columns={f"{RERUN}/family": "family", f"{RERUN}/seed": "seed"},
                     metric_columns={"epoch": "epoch", "valid_ppl": "valid ppl"}, max_report_frequency=30),

@@ -1,5 +1,6 @@
-"""Experiment trackers: `loggers: [mlflow, wandb]` passes Ray Tune's logger callbacks through (tested offline:
-MLflow's local SQLite store, W&B's offline mode); a tracker that is not installed is refused before anything runs."""
+"""Experiment trackers: `loggers: [mlflow, wandb]` passes Ray Tune's logger callbacks through, to the search's trials
+and the seed reruns (tested offline: MLflow's local SQLite store, W&B's offline mode); a tracker that is not installed
+is refused before anything runs."""
 import importlib.util
 
 import pytest
@@ -30,7 +31,7 @@ def test_trials_are_logged_to_mlflow_and_wandb_offline(ray_session, tiny_experim
     path = tiny_experiment(
         "tracked", loggers=["mlflow", "wandb"], trials=2, fixed={"model.family": "lstm"},
         search_space={"params": {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}},
-        scheduler={"type": "fifo", "max_epochs": 2},
+        scheduler={"type": "fifo", "max_epochs": 2}, report={"seeds": 2},
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # MLflow's local store (it refuses file:// stores since 3.x)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # W&B's offline mode: conftest sets it for every test
@@ -39,7 +40,7 @@ def test_trials_are_logged_to_mlflow_and_wandb_offline(ray_session, tiny_experim
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["tracked"])
-    assert len(runs) == 2 and runs["metrics.valid_ppl"].notna().all()
-    assert "params.optim.lr" in runs
+    assert len(runs) == 4 and runs["metrics.valid_ppl"].notna().all()  # the 2 trials and the best's 2 seed reruns
+    assert runs["params.optim.lr"].notna().sum() == 2 and runs["params.rerun/seed"].notna().sum() == 2
     offline = list((path.parent / "results" / "tracked" / "wandb").glob("offline-run-*"))
-    assert len(offline) == 2  # one W&B run per trial, in the experiment folder
+    assert len(offline) == 4  # one W&B run per trial and per rerun, in the experiment folder
