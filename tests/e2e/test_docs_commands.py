@@ -321,7 +321,8 @@ def test_documented_command_runs(command, places, request, monkeypatch, capsys, 
         if not torch.cuda.is_available():
             pytest.skip("needs a CUDA GPU")
     monkeypatch.chdir(REPO)
-    if any(re.search(r"-m lmcore|configs/", step) for step in how.steps):  # real data (skipped without it)
+    # Real data (skipped without it): trainings, configs/, and experiments/ (`check` reads the corpus as `run` does).
+    if any(re.search(r"-m lmcore|configs/|experiments/", step) for step in how.steps):
         monkeypatch.setenv("LMCORE_DATA_DIR", str(request.getfixturevalue("data_root")))
     for step in how.steps:
         for name, path in places.items():  # not str.format: the shell's ${x}
