@@ -25,7 +25,8 @@ from tests.conftest import process_output, tune_in_process, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 # Ray saves its experiment state at most every 10 s by default; every second here, so that a test sees a trial end in
-# it (and stops the driver) while others have hardly begun, and needs few trials for that.
+# it (and stops the driver) soon after. Tiny trials take about a second each, so the tests that stop a driver once a
+# trial has completed give it 8: several are still to run however loaded the machine is.
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "TUNE_GLOBAL_CHECKPOINT_S": "1"}
 
 
@@ -74,7 +75,7 @@ def test_killed_driver_resumes_with_the_same_command(ray_session, tiny_experimen
         "resume",
         fixed={"train.steps_per_epoch": 25},
         scheduler={"type": "fifo", "max_epochs": 4},
-        trials=4,
+        trials=8,
     )
     folder = path.parent / "results" / "resume"
     command, first = driver_with_a_completed_trial(path, tmp_path / "first.log")
@@ -82,7 +83,7 @@ def test_killed_driver_resumes_with_the_same_command(ray_session, tiny_experimen
     first.wait()
     before = snapshot_statuses(folder)
     completed_before = {t for t, s in before.items() if s == "TERMINATED"}
-    assert len(completed_before) < 4, "killed too late to test resuming"
+    assert len(completed_before) < 8, "killed too late to test resuming"
 
     code, out, err = tune_in_process(*command[2:])  # the same command; on the shared Ray, in this process
     assert code == 0, process_output(out, err)
@@ -90,13 +91,13 @@ def test_killed_driver_resumes_with_the_same_command(ray_session, tiny_experimen
     assert "taking over the lock" in out  # the killed driver's lock was stale
 
     trials = pd.read_csv(folder / "trials.csv")
-    assert len(trials) == 4  # the number configured, not 4 more
+    assert len(trials) == 8  # the number configured, not 8 more
     assert completed_before <= set(trials["trial_id"])  # no completed trial lost
     assert (trials["status"] == "completed").all() and (trials["epochs"] == 4).all()
 
     study = optuna.load_study(study_name="resume", storage=f"sqlite:///{folder / 'optuna.db'}")
     states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) == 4
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 8
     # Trials Optuna handed out after Ray's last snapshot were closed, not left running.
     assert optuna.trial.TrialState.RUNNING not in states
 
@@ -147,7 +148,7 @@ def rung_records(folder: Path) -> set[tuple[int, str]]:
 def test_ctrl_c_exits_130_and_the_interrupted_study_grows(ray_session, tiny_experiment, tmp_path):
     path = tiny_experiment("interrupt", fixed={"train.steps_per_epoch": 25},
                            scheduler={"type": "asha", "max_epochs": 4, "grace_period": 1, "reduction_factor": 2},
-                           trials=4)
+                           trials=8)
     folder = path.parent / "results" / "interrupt"
     log = tmp_path / "first.log"
     command, first = driver_with_a_completed_trial(path, log)
@@ -161,11 +162,11 @@ def test_ctrl_c_exits_130_and_the_interrupted_study_grows(ray_session, tiny_expe
     assert "run the same command again to resume" in log.read_text()
     recorded = rung_records(folder)
 
-    code, out, err = tune_in_process(*command[2:], "--set", "trials=5")
+    code, out, err = tune_in_process(*command[2:], "--set", "trials=10")
     assert code == 0, process_output(out, err)
-    assert "Growing interrupt from 4 to 5 trials" in out
+    assert "Growing interrupt from 8 to 10 trials" in out
     trials = pd.read_csv(folder / "trials.csv")
-    assert len(trials) == 5 and trials["status"].isin(["completed", "early-stopped"]).all()
+    assert len(trials) == 10 and trials["status"].isin(["completed", "early-stopped"]).all()
     # The resumed ASHA started from what it had recorded, not from empty rungs that it then saved over.
     assert recorded and recorded < rung_records(folder)
 

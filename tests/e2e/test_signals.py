@@ -14,8 +14,8 @@ from tests.e2e.test_resume import REPO, snapshot_statuses, start
 
 def test_sigterm_to_the_driver_ends_it_as_ctrl_c_and_a_lost_study_file_is_rebuilt(ray_session, tiny_experiment,
                                                                                     tmp_path):
-    path = tiny_experiment("term", fixed={"train.steps_per_epoch": 25}, scheduler={"type": "fifo", "max_epochs": 2},
-                           trials=3)
+    path = tiny_experiment("term", fixed={"train.steps_per_epoch": 25}, scheduler={"type": "fifo", "max_epochs": 3},
+                           trials=4)
     folder = path.parent / "results" / "term"
     log = tmp_path / "driver.log"
     command = [sys.executable, str(REPO / "tune.py"), str(path), "--num-cpus", "2", "--no-dashboard"]
@@ -38,7 +38,7 @@ def test_sigterm_to_the_driver_ends_it_as_ctrl_c_and_a_lost_study_file_is_rebuil
     assert code == 0, process_output(out, err)
     assert "optuna.db: missing; rebuilt from the" in out and "Resuming term" in out
     trials = pd.read_csv(folder / "trials.csv")
-    assert len(trials) == 3 and (trials["status"] == "completed").all()
+    assert len(trials) == 4 and (trials["status"] == "completed").all()
     study = optuna.load_study(study_name="term", storage=f"sqlite:///{folder / 'optuna.db'}")
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert {t.user_attrs["ray_trial_id"] for t in complete} == set(trials["trial_id"])
