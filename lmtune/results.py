@@ -161,14 +161,14 @@ def read_summary(folder: str | Path, rebuild: bool = False) -> dict[str, Any]:
     raise ExperimentError(f"{problem}; `python tune.py report {Path(folder)}` rebuilds it")
 
 
-def ray_analysis(folder: Path):
-    """Ray's ExperimentAnalysis of the study (its newest experiment_state-*.json), each trial naming only checkpoints
-    that exist (lmtune/repair.py, in memory); ExperimentError naming that file when it is damaged."""
+def ray_analysis(ray: Path):
+    """Ray's ExperimentAnalysis of one Ray experiment (the search's ray/ or a seeds/ folder: its newest
+    experiment_state-*.json), each trial naming only checkpoints that exist (lmtune/repair.py, in memory);
+    ExperimentError naming that file when it is damaged."""
     from ray.tune import ExperimentAnalysis
 
     from lmtune.repair import repair_trial
 
-    ray = ExperimentFolder(folder).ray
     try:
         analysis = ExperimentAnalysis(str(ray))
     except (ValueError, KeyError, TypeError) as err:  # not JSON (UnicodeDecodeError, JSONDecodeError), or not Ray's
@@ -219,7 +219,7 @@ def load_results(folder: str | Path, rebuild: bool = False) -> Results:
     folder = Path(folder).resolve()
     experiment, base = read_snapshot(folder)
     max_epochs = experiment.scheduler.max_epochs if experiment else None
-    analysis = ray_analysis(folder)
+    analysis = ray_analysis(ExperimentFolder(folder).ray)
     frames = analysis.trial_dataframes
     rows, curves = [], []
     for trial in analysis.trials:
@@ -240,11 +240,9 @@ def load_results(folder: str | Path, rebuild: bool = False) -> Results:
 def _seed_runs(results: Results, max_epochs: int | None) -> tuple[pd.DataFrame, list]:
     """The seed reruns (SEED_RUN_COLUMNS) of the trials that are now each family's best, from every Ray experiment
     under seeds/ (a study grown since may have rerun other trials before), and those experiments."""
-    from ray.tune import ExperimentAnalysis
-
     seeds = ExperimentFolder(results.folder).seeds
     folders = sorted(p for p in seeds.iterdir() if any(p.glob("experiment_state-*.json"))) if seeds.is_dir() else []
-    analyses = [ExperimentAnalysis(str(p)) for p in folders]
+    analyses = [ray_analysis(p) for p in folders]
     best = set(results.best_per_family()["trial_id"])
     reported = {r.get("trial_id"): r for r in results.summary.get("seed_runs", []) if isinstance(r, dict)}
     rows = []

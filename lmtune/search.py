@@ -227,7 +227,7 @@ def _add_ended_trials(study: optuna.Study, exp: Experiment) -> int:
     from lmtune.results import ray_analysis
 
     ended = 0
-    for trial in ray_analysis(exp.folder).trials:
+    for trial in ray_analysis(ExperimentFolder(exp.folder).ray).trials:
         if trial.status not in ("TERMINATED", "ERROR"):
             continue  # unfinished: it gets a running Optuna trial when the searcher is restored
         settings = trial_settings(trial.config or {})

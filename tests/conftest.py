@@ -164,19 +164,21 @@ SHARED_STUDY_FILES = ("tests/e2e/test_notebook.py", "tests/lmtune/test_export.py
 HEAVY_FIXTURES = {"ray_session", "reported_experiment"}
 
 
+def file_of_test(nodeid: str) -> str:
+    """The file a test's node id names: "tests/x/test_y.py::test_z[a]" -> "tests/x/test_y.py"."""
+    return nodeid.split("::", 1)[0]
+
+
 def pytest_collection_modifyitems(items):
     """A last line of defence (pytest-timeout): a test that hangs fails after 20 minutes, scaled, with every
     thread's stack, instead of holding CI to its own limit. The tests' own waits are shorter and say more.
     The files that start processes or Ray (end-to-end, slow-marked, on the shared Ray) come first, each kept
     together: under pytest-xdist the long ones start early and the short unit tests even out the end."""
-    def file_of(item) -> str:
-        return item.nodeid.split("::")[0]
-
-    heavy = {file_of(item) for item in items if file_of(item).startswith("tests/e2e/")
+    heavy = {file_of_test(item.nodeid) for item in items if item.nodeid.startswith("tests/e2e/")
              or item.get_closest_marker("slow") or HEAVY_FIXTURES & set(getattr(item, "fixturenames", ()))}
     for item in items:
         item.add_marker(pytest.mark.timeout(scaled(1200)))
-    items.sort(key=lambda item: file_of(item) not in heavy)  # stable: collection order within each part
+    items.sort(key=lambda item: file_of_test(item.nodeid) not in heavy)  # stable: collection order within each part
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
@@ -191,7 +193,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class FileGroups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            file = nodeid.split("::", 1)[0]
+            file = file_of_test(nodeid)
             return "shared study" if file in SHARED_STUDY_FILES else file
 
     config.option.loadscopereorder = False  # not by number of tests: the order collected
