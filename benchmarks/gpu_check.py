@@ -9,9 +9,10 @@ machine's python3 and torch, plus the wheels and the PTB files that `prepare` pu
 
 Stages, most decisive first (a stage that fails or runs out of time is reported as such; the next one runs):
   layer  the Mogrifier layer at the paper's shapes against cuDNN's nn.LSTM of the same width, forward + backward,
-         float32, TF32 and bf16 autocast: reference, eager fast path, CUDA graphs; tokens/s and error; and the
-         LSTM with the LSTM family's state dropout (W_hh masked per call): whether cuDNN re-packs its weights
-  tests  the CUDA tests (device-parametrised model, training and Mogrifier equivalence tests)
+         float32, TF32 and bf16 autocast: reference, eager fast path, CUDA graphs with and without the Triton
+         kernels of the steps' elementwise work; tokens/s and error; and the LSTM with the LSTM family's state
+         dropout (W_hh masked per call): whether cuDNN re-packs its weights
+  tests  the CUDA tests (device-parametrised model, training and Mogrifier equivalence tests, the Triton kernels)
   train  a short real training of the 24M PTB paper config and of the LSTM at the same size
   pack   N = 1, 2, 4, 8 training processes of the 24M config on the one GPU: total tokens/s
 OUT gets report.md and one log per stage (at most 8 files).
@@ -33,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-STAGES = {"layer": 150, "tests": 90, "train": 150, "pack": 150}  # seconds each on the GPU
+STAGES = {"layer": 180, "tests": 90, "train": 180, "pack": 150}  # seconds each on the GPU
 DRY_LIMIT = 120
 WHEELS = ["pydantic", "pydantic_core", "annotated_types", "typing_inspection", "typing_extensions", "pooch",
           "platformdirs"]  # what lmcore imports that the GPU machine's python3 lacks (and what they need)
@@ -234,8 +235,9 @@ def measure_layer(name: str, B: int, T: int, settings: dict, device) -> list[str
     mask = torch.bernoulli(torch.full((B, settings["hidden_size"]), keep, device=device)) / keep
     grad_out = torch.randn(T, B, settings["hidden_size"], device=device)
 
-    def step(fast: bool, use_graphs: bool):
+    def step(fast: bool, use_graphs: bool, triton: bool = False):
         layer.fast_path, layer.cuda_graphs = fast, use_graphs
+        os.environ["LMCORE_MOGRIFIER_TRITON"] = str(int(triton))  # fast.py's elementwise steps as Triton kernels
         x.grad = layer.weight_hh.grad = None
         out, _ = layer(x, None, mask)
         out.float().backward(grad_out)
@@ -258,9 +260,10 @@ def measure_layer(name: str, B: int, T: int, settings: dict, device) -> list[str
     repack_warnings: list[str] = []
     with precision("float32", device):
         reference = [step(False, False).detach().float(), x.grad.clone(), layer.weight_hh.grad.clone()]
-    paths = [("reference", False, False, 3), ("fast, eager", True, False, 10)]
+    paths = [("reference", False, False, False, 3), ("fast, eager", True, False, False, 10)]
     if device.type == "cuda":
-        paths.append(("fast, CUDA graphs", True, True, 20))
+        paths += [("fast, CUDA graphs", True, True, False, 20)]
+        paths += [("fast, CUDA graphs + Triton", True, True, True, 20)] * triton_available()
     shape = f"{settings['input_size']}→{settings['hidden_size']}, {settings['rounds']}, {settings['rank']}"
     for prec in ["float32", "tf32", "bf16"]:
         with precision(prec, device):
@@ -272,9 +275,9 @@ def measure_layer(name: str, B: int, T: int, settings: dict, device) -> list[str
                 ms = timer(lstm_dropped_step, reps=20)
             repack_warnings += [str(w.message) for w in said if "contiguous chunk of memory" in str(w.message)]
             report(f"{row} | cuDNN LSTM, state dropout | {ms:.2f} | {B * T / ms * 1000:,.0f} | {cudnn_ms / ms:.2f} | |")
-            for label, fast, use_graphs, reps in paths:
-                ms = timer(lambda: step(fast, use_graphs), reps=reps)  # noqa: B023 (called at once)
-                out = step(fast, use_graphs).detach().float()
+            for label, fast, use_graphs, triton, reps in paths:
+                ms = timer(lambda: step(fast, use_graphs, triton), reps=reps)  # noqa: B023 (called at once)
+                out = step(fast, use_graphs, triton).detach().float()
                 error = max(float((a - b).abs().max() / b.abs().max())
                             for a, b in zip([out, x.grad, layer.weight_hh.grad], reference))
                 report(f"{row} | {label} | {ms:.2f} | {B * T / ms * 1000:,.0f} | {cudnn_ms / ms:.2f} | "
@@ -284,17 +287,27 @@ def measure_layer(name: str, B: int, T: int, settings: dict, device) -> list[str
     return repack_warnings
 
 
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        report("(no triton here: the rows with the Triton kernels are left out)")
+        return False
+    return True
+
+
 # -- stage: the CUDA tests -----------------------------------------------------------------------------------
 
 
 def stage_tests(dry: bool) -> int:
     files = ["tests/lmcore/test_models.py", "tests/lmcore/test_mogrifier.py", "tests/lmcore/test_train.py",
-             "tests/lmcore/test_transformer.py"]
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda", *files]
+             "tests/lmcore/test_transformer.py", "tests/lmcore/test_mogrifier_triton.py"]
+    # -k: the tests named cuda, and every test of the Triton kernels' file (there they run on CUDA tensors)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda or triton", *files]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     print(proc.stdout[-6000:], proc.stderr[-3000:])
     summary = [line for line in proc.stdout.splitlines() if line.strip()][-1:]
-    report(f"`python -m pytest -q -k cuda {' '.join(files)}`: {' '.join(summary)}")
+    report(f"`python -m pytest -q -k 'cuda or triton' {' '.join(files)}`: {' '.join(summary)}")
     for line in proc.stdout.splitlines():
         if line.startswith(("FAILED", "ERROR")):
             report(f"    {line}")
@@ -326,6 +339,7 @@ def training_runs(dry: bool, scratch: Path) -> list[tuple[str, list[str]]]:
                   "--set", "train.steps_per_epoch=3", "--set", "data.eval_batch_size=4", "--set", "train.device=cpu"]
     lstm = ["--set", "model.family=lstm", "--set", "model.rounds=0", "--set", "model.rank=none"]
     runs = [("Mogrifier (paper config), CUDA graphs", paper, {}),
+            ("Mogrifier (paper config), CUDA graphs + Triton", paper, {"LMCORE_MOGRIFIER_TRITON": "1"}),
             ("Mogrifier (paper config), eager", paper, {"LMCORE_CUDA_GRAPHS": "0"}),
             ("LSTM, same budget", paper + lstm, {})]
     return runs[:1] if dry else runs  # the CPU has no graphs, and one run checks the stage
@@ -335,7 +349,8 @@ def stage_train(dry: bool, out: Path) -> None:
     scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"gpu_check_{os.getpid()}"
     report("`python -m lmcore train --config configs/ptb_mogrifier_paper.yaml --set train.amp=true --set "
            "train.epochs=2 --set train.steps_per_epoch=150 --set eval.logit_scale_search=none` (and the LSTM: "
-           "`--set model.family=lstm --set model.rounds=0 --set model.rank=none`; eager: LMCORE_CUDA_GRAPHS=0); "
+           "`--set model.family=lstm --set model.rounds=0 --set model.rank=none`; eager: LMCORE_CUDA_GRAPHS=0; "
+           "+ Triton: LMCORE_MOGRIFIER_TRITON=1); "
            "tokens/s of epoch 2 (epoch 1 includes start-up and graph capture), bf16")
     report("")
     report("| model | parameters | tokens/s epoch 1 | tokens/s epoch 2 | valid ppl after 300 steps | wall s | "

@@ -23,7 +23,9 @@ step-by-step autograd version, `forward_reference`, is what this is tested again
   elementwise passes, and one chunk of batch rows per thread. Where the extension cannot be used
   (another OS/CPU/build, no compiler: see cpu.py),
   or it is disabled (LMCORE_MOGRIFIER_CPP=0), the Python loops below run; they are the readable version
-  of what the C++ does, and what runs on CUDA, in float64 and under autocast.
+  of what the C++ does, and what runs on CUDA, in float64 and under autocast. On CUDA, with
+  LMCORE_MOGRIFIER_TRITON=1, each run of elementwise ops between two matrix products is one Triton kernel
+  (triton_steps.py): 36 kernels per step, forward and backward, instead of 60 at the PTB paper's shape.
 * On the CPU the big buffers come from a workspace that is reused across calls (workspace.py: fresh memory
   of that size costs page faults on every call).
 
@@ -37,6 +39,7 @@ per-call setup (buffers, packing, the gate-backward factors).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -89,6 +92,25 @@ def _cpp_loops(x: Tensor, c: Tensor):
     from . import cpu
 
     return cpu.extension()
+
+
+def triton_enabled() -> bool:
+    """LMCORE_MOGRIFIER_TRITON=1: the Python loops' elementwise work as Triton kernels on CUDA (opt-in until a GPU
+    check has measured them: docs/benchmarks.md)."""
+    return os.environ.get("LMCORE_MOGRIFIER_TRITON", "0") == "1"
+
+
+def _triton_steps(x: Tensor):
+    """The Triton kernels of a step's elementwise work (triton_steps.py) where they apply: enabled, float32 or
+    narrower, and a CUDA tensor (or any under Triton's CPU interpreter, TRITON_INTERPRET=1: the tests); else None
+    (the loops' torch ops)."""
+    if not triton_enabled() or x.dtype == torch.float64:
+        return None
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return None
+    from . import triton_steps
+
+    return triton_steps
 
 
 def _or_empty(empty: Tensor):
@@ -238,6 +260,7 @@ def _forward_loop_python(buf: ForwardBuffers, rounds: list[Round], x: Tensor, h0
     H_MASKED = None if mask is None else buf.h_versions[0].unbind(0)
     XH_X, XH_H = buf.xh[..., :m].unbind(0), buf.xh[..., m:].unbind(0)
     addmm, addcmul, mul, mm, tanh = torch.addmm, torch.addcmul, torch.mul, torch.mm, torch.tanh
+    kernels = _triton_steps(x)  # None: the torch ops below
 
     for t in range(T):
         s = t if keep else 0  # this step's row of the per-step buffers
@@ -257,20 +280,26 @@ def _forward_loop_python(buf: ForwardBuffers, rounds: list[Round], x: Tensor, h0
                 low = LOW[s]
                 mm(src, right_t, out=low)
                 addmm(bias_half, low, half_t, out=u)
-            u.tanh_()
-            if updates_x:  # x <- 2 sigmoid(z) x = x + x tanh(z/2)
-                x_cur = addcmul(tgt, tgt, u, out=AFTER[s])
+            if kernels is None:  # target <- 2 sigmoid(z) target = target + target tanh(z/2)
+                after = addcmul(tgt, tgt, u.tanh_(), out=AFTER[s])
             else:
-                h_cur = addcmul(tgt, tgt, u, out=AFTER[s])
+                after = kernels.round_forward(u, tgt, AFTER[s])
+            if updates_x:
+                x_cur = after
+            else:
+                h_cur = after
         addmm(bias, XH[s], gate_weights_t, out=G[s])
-        G_IF[s].sigmoid_()
-        G_G[s].tanh_()
-        G_O[s].sigmoid_()
-        c = C[t + 1]
-        mul(G_F[s], C[t], out=c)
-        c.addcmul_(G_I[s], G_G[s])
-        tc = tanh(c, out=TC[s])
-        mul(G_O[s], tc, out=OUT[t])
+        if kernels is None:
+            G_IF[s].sigmoid_()
+            G_G[s].tanh_()
+            G_O[s].sigmoid_()
+            c = C[t + 1]
+            mul(G_F[s], C[t], out=c)
+            c.addcmul_(G_I[s], G_G[s])
+            tc = tanh(c, out=TC[s])
+            mul(G_O[s], tc, out=OUT[t])
+        else:
+            kernels.cell_forward(G[s], C[t], C[t + 1], TC[s], OUT[t])
 
 
 def _gate_backward_factors(buf: ForwardBuffers) -> None:
@@ -441,22 +470,30 @@ def _backward_loop_python(saved: SavedForBackward, grad: BackwardBuffers) -> Non
     D_G3 = grad.d_gates.view(T, B, 4, n)[:, :, :3].unbind(0)
     D_GO = grad.d_gates[..., 3 * n :].unbind(0)
     D_X, D_HH = grad.d_xh[..., :m].unbind(0), grad.d_xh[..., m:].unbind(0)
+    FACTORS = saved.gate_factors.unbind(0)
     addcmul, mul, mm = torch.addcmul, torch.mul, torch.mm
+    kernels = _triton_steps(saved.out)  # None: the torch ops below
 
     for t in range(T - 1, -1, -1):
         dh = D_H[t]
-        mul(dh, F_O[t], out=D_GO[t])
-        d_c.addcmul_(dh, DC_DH[t])
-        mul(d_c3, F_3[t], out=D_G3[t])
-        d_c.mul_(FORGET[t])  # now d c_{t-1}
+        if kernels is None:
+            mul(dh, F_O[t], out=D_GO[t])
+            d_c.addcmul_(dh, DC_DH[t])
+            mul(d_c3, F_3[t], out=D_G3[t])
+            d_c.mul_(FORGET[t])  # now d c_{t-1}
+        else:
+            kernels.gate_backward(dh, d_c, DC_DH[t], FORGET[t], FACTORS[t], D_G[t])
         mm(D_G[t], grad.gate_weights, out=D_XH[t])
         dx, dhh = D_X[t], D_HH[t]
         for updates_x, half, right, U, D_Z, AFTER, D_LOW, scratch in round_steps:
             u, d_z = U[t], D_Z[t]
             d_tgt, d_src = (dx, dhh) if updates_x else (dhh, dx)
-            mul(d_tgt, AFTER[t], out=scratch)
-            d_tgt.addcmul_(d_tgt, u)  # d target before = d target after * (1 + u)
-            addcmul(scratch, scratch, u, value=-1, out=d_z)  # d z' = d after * after * (1 - u)
+            if kernels is None:
+                mul(d_tgt, AFTER[t], out=scratch)
+                d_tgt.addcmul_(d_tgt, u)  # d target before = d target after * (1 + u)
+                addcmul(scratch, scratch, u, value=-1, out=d_z)  # d z' = d after * after * (1 - u)
+            else:
+                kernels.round_backward(d_tgt, AFTER[t], u, d_z)
             if right is None:
                 d_src.addmm_(d_z, half)
             else:

@@ -6,13 +6,13 @@ their buffers once per call, so the forward and the backward of a whole sequence
 `_MogrifierLSTMFunction.forward` and `.backward`, called directly, outside autograd) are captured as two CUDA
 graphs, and an autograd Function replays them.
 
-A graph holds fixed shapes, fixed tensor addresses and fixed kernels, so there is one pair per input shape,
-dtype, autocast dtype, TF32 setting, mask or not, and the addresses of the parameters (a parameter moved to new
-memory, e.g. by `.to()`, gets a new pair). A key is captured the second time it is seen with gradients on (the
-last, shorter window of an epoch is seen once per epoch and stays eager); each layer keeps at most `MAX_GRAPHS`
-pairs (least recently used go), since each holds its buffers' memory. Without gradients (evaluation) the eager
-fast path runs, and so does a second forward of a key whose first has not had its backward yet (the buffers are
-the graph's own).
+A graph holds fixed shapes, fixed tensor addresses and fixed kernels, so there is one pair per input shape, dtype,
+autocast dtype, TF32 setting, Triton kernels or not (fast.py), mask or not, and the addresses of the parameters (a
+parameter moved to new memory, e.g. by `.to()`, gets a new pair). A key is captured the second time it is seen
+with gradients on (the last, shorter window of an epoch is seen once per epoch and stays eager); each layer keeps
+at most `MAX_GRAPHS` pairs (least recently used go), since each holds its buffers' memory. Without gradients
+(evaluation) the eager fast path runs, and so does a second forward of a key whose first has not had its backward
+yet (the buffers are the graph's own).
 `MogrifierLSTMLayer.cuda_graphs = False`, or LMCORE_CUDA_GRAPHS=0, turns graphs off.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections import Counter, OrderedDict
 import torch
 from torch import Tensor
 
-from .fast import _MogrifierLSTMFunction, mogrifier_lstm
+from .fast import _MogrifierLSTMFunction, mogrifier_lstm, triton_enabled
 
 MAX_GRAPHS = 8
 
@@ -135,8 +135,9 @@ def _autocast_dtype(device: str) -> torch.dtype | None:
 
 
 def _key(inputs: list[Tensor], low_rank: tuple[bool, ...], masked: bool) -> tuple:
-    # A graph keeps the matmul kernels it was captured with: TF32 or not is part of the key.
+    # A graph keeps the kernels it was captured with: TF32 or not, and Triton's or torch's, are part of the key.
     return (low_rank, masked, _autocast_dtype(inputs[0].device.type), torch.backends.cuda.matmul.allow_tf32,
+            triton_enabled(),
             tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in inputs),
             tuple(t.data_ptr() for t in inputs[3 + masked:]))
 
