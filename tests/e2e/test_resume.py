@@ -159,16 +159,16 @@ def test_ctrl_c_exits_130_and_the_interrupted_study_grows(ray_session, tiny_expe
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     assert first.returncode == 130, log.read_text()[-4000:]
-    assert "run the same command again to resume" in log.read_text()
+    assert "run the same command again to resume" in log.read_text(), log.read_text()[-4000:]
     recorded = rung_records(folder)
 
     code, out, err = tune_in_process(*command[2:], "--set", "trials=10")
     assert code == 0, process_output(out, err)
-    assert "Growing interrupt from 8 to 10 trials" in out
+    assert "Growing interrupt from 8 to 10 trials" in out, process_output(out, err)
     trials = pd.read_csv(folder / "trials.csv")
-    assert len(trials) == 10 and trials["status"].isin(["completed", "early-stopped"]).all()
+    assert len(trials) == 10 and trials["status"].isin(["completed", "early-stopped"]).all(), trials.to_string()
     # The resumed ASHA started from what it had recorded, not from empty rungs that it then saved over.
-    assert recorded and recorded < rung_records(folder)
+    assert recorded and recorded < rung_records(folder), (sorted(recorded), sorted(rung_records(folder)))
 
 
 def test_asha_judges_a_resumed_studys_trials_by_what_it_recorded_before(tiny_experiment, tmp_path):
