@@ -39,6 +39,7 @@ per-call setup (buffers, packing, the gate-backward factors).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,6 +112,11 @@ def _triton_steps(x: Tensor):
     from . import triton_steps
 
     return triton_steps
+
+
+def _on_device_of(x: Tensor):
+    """Triton launches on the current CUDA device, not the tensors': make it x's (e.g. cuda:1)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _or_empty(empty: Tensor):
@@ -557,7 +563,8 @@ class _MogrifierLSTMFunction(torch.autograd.Function):
         buf = _forward_buffers(x, h0, c0, mask, rounds, keep, cpp)
         ctx.cpp = cpp  # the backward runs the same loops
         if cpp is None:
-            _forward_loop_python(buf, rounds, x, h0, mask, w_ih, w_hh, bias, keep)
+            with _on_device_of(x):
+                _forward_loop_python(buf, rounds, x, h0, mask, w_ih, w_hh, bias, keep)
         else:
             _forward_loop_cpp(cpp, buf, rounds, x, h0, mask, w_ih, w_hh, bias, keep)
         h_t, c_t = buf.out[-1].clone(), buf.c_all[-1].clone()
@@ -575,7 +582,8 @@ class _MogrifierLSTMFunction(torch.autograd.Function):
         saved = SavedForBackward.load(ctx)
         grad = _backward_buffers(saved, ctx, d_out, d_ht, d_ct)
         if ctx.cpp is None:
-            _backward_loop_python(saved, grad)
+            with _on_device_of(saved.out):
+                _backward_loop_python(saved, grad)
         else:
             _backward_loop_cpp(ctx.cpp, saved, grad)
         m = saved.xh.shape[-1] - saved.out.shape[-1]

@@ -68,14 +68,15 @@ class Captured:
         self._capture()
 
     def _capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+        device = self.inputs[0].device  # e.g. cuda:1: entering the stream's context makes it the current device
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):  # warm up where the capture runs (lazy cuBLAS workspaces, allocator)
             for _ in range(2):
                 outputs = self._forward()
                 self.grad_outputs = [torch.ones_like(o) for o in outputs]
                 self._backward()
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
         pool = torch.cuda.graph_pool_handle()
         self.forward_graph, self.backward_graph = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.forward_graph, pool=pool, stream=stream):
