@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -306,6 +307,7 @@ def environment(**values: str):
                 os.environ[name] = value
 
 
+@functools.cache  # asked once per layer shape; said once
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
