@@ -10,6 +10,7 @@ all draw with these. Figures are made without pyplot, so nothing here opens a wi
 from __future__ import annotations
 
 import math
+import re
 import textwrap
 import warnings
 from pathlib import Path
@@ -183,7 +184,8 @@ def comparison(results: list[Results]) -> Figure:
                 ax.annotate(f"{searched[i]:.1f}", (i - 0.35, searched[i]), textcoords="offset points", xytext=(0, 3),
                             fontsize="small", color=color)
             _seed_points(ax, i, seeds, row, column)
-        ax.set_xticks(table.index, [f"{f}\n{e}" for f, e in zip(table["family"], table["experiment"])])
+        ax.set_xticks(table.index, [f"{f}\n{_wrap_name(e)}" for f, e in zip(table["family"], table["experiment"])],
+                      fontsize="small")
         ax.set_xlim(-0.6, len(table) - 0.4)
         ax.set(title=f"{title} of each family's best", xlabel="family, experiment",
                ylabel="perplexity (lower is better)")
@@ -234,6 +236,17 @@ def _labelled(results: Results | list[Results]) -> list[tuple[Results, str]]:
 def _family_colors(results: Results) -> dict[str, str]:
     families = sorted(results.trials["family"].dropna().unique())
     return {family: f"C{i}" for i, family in enumerate(families)}
+
+
+def _wrap_name(name: str, width: int = 14) -> str:
+    """An experiment's name broken after underscores into lines of about `width` characters, so that the names
+    under neighbouring ticks do not run into each other (ptb_2m65_mogrify_local -> ptb_2m65_ / mogrify_local)."""
+    lines = [""]
+    for part in re.findall(r"[^_]+_*|_+", name):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
 
 
 def _mark_end(ax, x: float, y: float, how: str, color: str) -> None:

@@ -119,6 +119,20 @@ def test_compare_writes_a_figure(reported_experiment, tmp_path):
     assert (tmp_path / "table.md").read_text().startswith("| experiment |")
 
 
+def test_the_comparison_names_each_experiment_without_running_into_its_neighbour(results, tmp_path):
+    """docs/results.md's three studies: their names ran into each other under the ticks."""
+    names = ["ptb_2m65_mogrify_local", "ptb_2m65_lstm_local", "ptb_2m65_transformer_local"]
+    runs = [Results(tmp_path / name, results.trials, results.history,
+                    results.experiment.model_copy(update={"name": name})) for name in names]
+    fig = plots.comparison(runs)
+    plots.save_png(fig, tmp_path / "comparison.png")  # laid out as written
+    for ax in fig.axes:
+        labels = [t for t in ax.get_xticklabels() if t.get_text()]
+        assert {t.get_text().split("\n", 1)[1].replace("\n", "") for t in labels} == set(names)  # wrapped, not cut
+        boxes = sorted((t.get_window_extent() for t in labels), key=lambda box: box.x0)
+        assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:])), [b.bounds for b in boxes]
+
+
 def test_compare_keeps_a_file_the_user_named_unless_force(reported_experiment, tmp_path, capsys):
     (tmp_path / "table.csv").write_text("mine")
     assert main(["compare", str(reported_experiment), "--out", str(tmp_path / "table")]) == 2
