@@ -179,10 +179,10 @@ def comparison(results: list[Results]) -> Figure:
                                        else math.nan)
         for i, row in table.iterrows():
             color = colors.get(row["family"], "C7")
-            if finite(searched[i]):
-                ax.hlines(searched[i], i - 0.35, i + 0.35, color=color, lw=3, label="the searched trial")
-                ax.annotate(f"{searched[i]:.1f}", (i - 0.35, searched[i]), textcoords="offset points", xytext=(0, 3),
-                            fontsize="small", color=color)
+            if finite(searched[i]):  # its value written over the line's left end, the seeds on its right half
+                ax.hlines(searched[i], i - 0.4, i + 0.4, color=color, lw=3, label="the searched trial")
+                ax.annotate(f"{searched[i]:.1f}", (i - 0.4, searched[i]), textcoords="offset points", xytext=(0, 3),
+                            fontsize="x-small", color=color)
             _seed_points(ax, i, seeds, row, column)
         ax.set_xticks(table.index, [f"{f}\n{_wrap_name(e)}" for f, e in zip(table["family"], table["experiment"])],
                       fontsize="small")
@@ -202,11 +202,11 @@ def _seed_points(ax, x: int, seeds: pd.DataFrame, row: pd.Series, column: str) -
     values = [float(v) for v in mine[column] if finite(v)]
     if not values:
         return
-    offsets = [0.3 * (k / max(1, len(values) - 1) - 0.5) for k in range(len(values))]  # side by side, not stacked
-    ax.scatter([x - 0.05 + o for o in offsets], values, s=16, color="black", zorder=3, label="a seed rerun")
+    offsets = [0.16 * k / max(1, len(values) - 1) for k in range(len(values))]  # side by side, not stacked
+    ax.scatter([x + 0.02 + o for o in offsets], values, s=16, color="black", zorder=3, label="a seed rerun")
     mean, half = mean_interval(values)
     if finite(half):
-        ax.errorbar([x + 0.3], [mean], yerr=[half], fmt="D", color="black", capsize=4, zorder=3,
+        ax.errorbar([x + 0.32], [mean], yerr=[half], fmt="D", color="black", capsize=4, zorder=3,
                     label=f"mean of the seed reruns, {LEVEL:.0%} interval")
 
 
