@@ -166,20 +166,20 @@ def test_the_comparison_figure_shows_each_seed_and_the_mean_interval(seeded):
     assert [y for pair in intervals for y in pair] == pytest.approx([y for pair in sorted(expected) for y in pair])
 
 
-
 def test_the_searched_value_is_written_clear_of_the_seed_points(seeded, tmp_path):
     """docs/results.md's figure: a seed rerun's point sat on the searched trial's value ("108.9") above its line."""
     fig = plots.comparison([seeded])
     plots.save_png(fig, tmp_path / "comparison.png")  # laid out as written
-    radius = 0.5 * 16 ** 0.5 * fig.dpi / 72  # a seed point's marker (s=16 points squared), in pixels
     for ax in fig.axes:
         labels = {round(t.xy[0]): t.get_window_extent() for t in ax.texts}
         seeds = [c for c in ax.collections if c.get_label() == "a seed rerun"]
         assert labels and seeds
         for collection in seeds:
             column = round(collection.get_offsets()[0][0])
+            radius = 0.5 * max(collection.get_sizes()) ** 0.5 * fig.dpi / 72  # sizes: points squared; in pixels
             leftmost = min(ax.transData.transform(collection.get_offsets())[:, 0]) - radius
             assert labels[column].x1 < leftmost, (column, labels[column].bounds, leftmost)
+
 
 # -- an interrupted seed phase ----------------------------------------------------------------------------------
 
